@@ -1,0 +1,164 @@
+"""The configuration of a bundle of update networks, stored as ``config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["FORMAT_VERSION", "FEATURES", "UpdateNetworkConfig", "ConfigError"]
+
+#: Version of the on-disk format (``config.json`` + ``model.safetensors``). Bumped when a
+#: change would make older code misread a newer directory.
+FORMAT_VERSION = 1
+
+#: Input features an update network can read, and how many inputs each one adds.
+#:
+#: - ``grad_logsign``: the paper's preprocessing of the gradient, ``(log|g|/p, sign g)`` if
+#:   ``|g| >= e^-p`` else ``(-1, e^p g)`` (2 inputs).
+#: - ``grad_rms``: the gradient divided by the root of its running second moment, clipped to
+#:   ``[-feature_clip, feature_clip]`` (1 input; invariant to the loss's scale).
+#: - ``momentum_rms``: for each ``beta`` in ``momentum_betas``, the bias-corrected running mean of
+#:   the gradient divided by the root of the running second moment, clipped (1 input per beta).
+FEATURES = {"grad_logsign": 2, "grad_rms": 1, "momentum_rms": None}
+
+
+class ConfigError(ValueError):
+    """A ``config.json`` that this version of learnedopt cannot use."""
+
+
+@dataclass
+class UpdateNetworkConfig:
+    """Architecture and input features of a bundle of coordinate-wise LSTM update networks.
+
+    One config describes every network of a bundle: the networks of different roles share the
+    architecture and differ only in their weights.
+
+    Attributes:
+        roles: Names of the networks in the bundle, e.g. ``["conv", "dense"]``. A bundle with a
+            single role serves every parameter whatever its shape.
+        hidden_size: Units in each LSTM layer (the paper uses 20).
+        num_layers: Stacked LSTM layers (the paper uses 2).
+        features: Input features, names from :data:`FEATURES`, in input order.
+        preprocess_p: ``p`` of the paper's log/sign gradient preprocessing.
+        momentum_betas: Decay rates of the running gradient means used by ``momentum_rms``.
+        rms_beta: Decay rate of the running second moment used by the ``*_rms`` features.
+        rms_eps: Added to the root of the second moment before dividing.
+        feature_clip: Bound on the magnitude of the ``*_rms`` features.
+        output_scale: The network's linear head output is multiplied by this to give the update.
+        update_clip: Bound on the magnitude of each coordinate's update (before ``lr``), a
+            safeguard against blow-ups past the trained horizon. ``None`` for no bound.
+        format_version: Version of the directory format that wrote this config.
+        library_version: learnedopt version that wrote this config.
+        description: One line saying what this optimizer is for.
+        training: Free-form record of how the weights were made (command, settings, results).
+    """
+
+    roles: list[str] = field(default_factory=lambda: ["dense"])
+    hidden_size: int = 20
+    num_layers: int = 2
+    features: list[str] = field(default_factory=lambda: ["grad_logsign", "momentum_rms"])
+    preprocess_p: float = 10.0
+    momentum_betas: list[float] = field(default_factory=lambda: [0.5, 0.9, 0.99])
+    rms_beta: float = 0.999
+    rms_eps: float = 1e-8
+    feature_clip: float = 10.0
+    output_scale: float = 0.1
+    update_clip: float | None = 1.0
+    format_version: int = FORMAT_VERSION
+    library_version: str = ""
+    description: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def input_size(self) -> int:
+        """Number of inputs per coordinate that the configured features produce."""
+        n = 0
+        for name in self.features:
+            n += len(self.momentum_betas) if name == "momentum_rms" else FEATURES[name]
+        return n
+
+    @property
+    def uses_moments(self) -> bool:
+        """Whether the features need the running gradient moments kept in the state."""
+        return any(name in ("grad_rms", "momentum_rms") for name in self.features)
+
+    @property
+    def num_moments(self) -> int:
+        """Per-coordinate moment buffers kept in the state: the means, then the second moment."""
+        if not self.uses_moments:
+            return 0
+        means = len(self.momentum_betas) if "momentum_rms" in self.features else 0
+        return means + 1
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that decide the shapes of weights and state and the update's math."""
+        skip = {"format_version", "library_version", "description", "training"}
+        return {k: v for k, v in self.to_dict().items() if k not in skip}
+
+    # ------------------------------------------------------------------ validation / io
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first field that is unusable."""
+        if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
+            raise ConfigError(
+                f"config format_version {self.format_version!r} is newer than this learnedopt "
+                f"understands (format {FORMAT_VERSION}); upgrade learnedopt: "
+                "pip install -U learnedopt"
+            )
+        if not self.roles or not all(isinstance(r, str) and r for r in self.roles):
+            raise ConfigError(f"config roles must be a non-empty list of names, got {self.roles!r}")
+        if len(set(self.roles)) != len(self.roles):
+            raise ConfigError(f"config roles must be distinct, got {self.roles!r}")
+        for name in ("hidden_size", "num_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"config {name} must be a positive integer, got {value!r}")
+        if not self.features:
+            raise ConfigError("config features must name at least one input feature")
+        for name in self.features:
+            if name not in FEATURES:
+                raise ConfigError(
+                    f"unknown feature {name!r} in config features; known: {sorted(FEATURES)}"
+                )
+        if "momentum_rms" in self.features and not self.momentum_betas:
+            raise ConfigError("feature 'momentum_rms' needs at least one value in momentum_betas")
+        for beta in [*self.momentum_betas, self.rms_beta]:
+            if not 0.0 <= float(beta) < 1.0:
+                raise ConfigError(f"config betas must lie in [0, 1), got {beta!r}")
+        if not self.preprocess_p > 0:
+            raise ConfigError(f"config preprocess_p must be positive, got {self.preprocess_p!r}")
+        if not self.output_scale > 0:
+            raise ConfigError(f"config output_scale must be positive, got {self.output_scale!r}")
+        if self.update_clip is not None and not self.update_clip > 0:
+            raise ConfigError(f"config update_clip must be positive or null, got {self.update_clip!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> UpdateNetworkConfig:
+        """Build a config from parsed JSON, refusing unknown fields and newer formats."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        version = data.get("format_version", FORMAT_VERSION)
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise ConfigError(
+                f"{source} has format_version {version}, newer than this learnedopt understands "
+                f"(format {FORMAT_VERSION}); upgrade learnedopt: pip install -U learnedopt"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source} has unknown fields {unknown}; known fields: {sorted(known)}")
+        try:
+            return cls(**data)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,244 @@
+"""``LSTMOptimizer``: a :class:`torch.optim.Optimizer` driven by pretrained LSTM update networks."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .functional import IMPLEMENTATIONS, init_state, lstm_update, state_dtype
+from .network import UpdateNetworks
+
+__all__ = ["LSTMOptimizer", "DEFAULT_PRETRAINED"]
+
+#: The shipped optimizer that ``LSTMOptimizer(params)`` loads.
+DEFAULT_PRETRAINED = "default"
+
+_STATE_KEYS = ("lstm", "moments")
+
+
+class LSTMOptimizer(Optimizer):
+    """A learned optimizer: a coordinate-wise two-layer LSTM turns each gradient into an update.
+
+    Andrychowicz et al. 2016, "Learning to learn by gradient descent by gradient descent". One
+    small network, shared by all coordinates, reads features of each coordinate's gradient and
+    its own per-coordinate hidden state, and proposes that coordinate's update. A bundle holds one
+    network per parameter *role* (for example ``conv`` kernels vs ``dense`` weights); roles are
+    chosen from each tensor's shape, or set per param group with ``{"params": ..., "role": "conv"}``.
+
+    Args:
+        params: Tensors or param-group dicts, as for any ``torch.optim`` optimizer. A group may set
+            ``lr``, ``weight_decay``, ``maximize`` and ``role``.
+        lr: Multiplies the learned update (default 1.0, the scale it was meta-trained at). LR
+            schedulers read and write it; ``lr=0`` freezes a group.
+        pretrained: Name of a shipped optimizer (see :func:`learnedopt.list_pretrained`), a local
+            directory, or a Hugging Face Hub repo id (``"user/repo"``). Defaults to ``"default"``.
+        networks: An :class:`UpdateNetworks` to use instead of loading ``pretrained``.
+        weight_decay: Decoupled weight decay: ``p <- p - lr * weight_decay * p`` each step.
+        maximize: Maximise the objective instead of minimising it.
+        role: Default role for groups that do not set one (``None``: chosen from the shape).
+        revision: Hub revision (branch, tag or commit) when ``pretrained`` is a repo id.
+        cache_dir: Hub cache directory.
+        impl: ``"batched"`` (default, one LSTM call per role) or ``"reference"`` (per tensor).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = LSTMOptimizer(model.parameters())
+        >>> model(torch.randn(8, 4)).pow(2).mean().backward()
+        >>> opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1.0,
+        *,
+        pretrained: str | Path | None = None,
+        networks: UpdateNetworks | None = None,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        role: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        impl: str = "batched",
+    ) -> None:
+        _check_hyperparameters(lr=lr, weight_decay=weight_decay)
+        if impl not in IMPLEMENTATIONS:
+            raise ValueError(f"Invalid impl: {impl!r}; choose one of {IMPLEMENTATIONS}")
+        if networks is not None and pretrained is not None:
+            raise ValueError("pass either pretrained= or networks=, not both")
+        if networks is None:
+            networks = UpdateNetworks.from_pretrained(
+                DEFAULT_PRETRAINED if pretrained is None else pretrained,
+                revision=revision,
+                cache_dir=cache_dir,
+            )
+        elif not isinstance(networks, UpdateNetworks):
+            raise TypeError(f"networks must be an UpdateNetworks, got {type(networks).__name__}")
+        self.networks = networks
+        self.impl = impl
+        defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize, role=role)
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        _check_hyperparameters(
+            lr=param_group.get("lr", 0.0), weight_decay=param_group.get("weight_decay", 0.0)
+        )
+        role = param_group.get("role")
+        if role is not None:
+            if not isinstance(role, str):
+                raise TypeError(f"param group 'role' must be a string or None, got {role!r}")
+            roles = self.networks.roles
+            if len(roles) > 1 and role not in roles:
+                raise ValueError(
+                    f"Invalid role: {role!r}; these update networks have roles {roles}. "
+                    "Use one of them, or load a pretrained optimizer that has this role."
+                )
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if not (p.is_floating_point() or p.is_complex()):
+                raise TypeError(
+                    f"LSTMOptimizer can only optimize floating-point or complex tensors, got {p.dtype}"
+                )
+            # fail at construction, not at the first step, when a shape has no network
+            self.networks.resolve_role(self.param_groups[-1].get("role"), p)
+
+    # ------------------------------------------------------------------ step
+    def _collect(self) -> tuple[list[Tensor], list[Tensor], list[dict[str, Tensor]], list[str], list, list]:
+        """Tensors with gradients, their (lazily created) states, roles and hyperparameters."""
+        params, grads, states, roles, lrs, wds = [], [], [], [], [], []
+        config = self.networks.config
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        "LSTMOptimizer does not support sparse gradients; use dense gradients "
+                        "(e.g. nn.Embedding(..., sparse=False)) or a sparse optimizer such as "
+                        "torch.optim.SparseAdam for those parameters"
+                    )
+                state = self.state[p]
+                # a complex tensor is optimized as its real view: each part is a coordinate
+                real_p = torch.view_as_real(p) if p.is_complex() else p
+                grad = torch.view_as_real(p.grad) if p.is_complex() else p.grad
+                if group["maximize"]:
+                    grad = -grad
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0.0)
+                    state.update(init_state(grad, config))
+                params.append(real_p)
+                grads.append(grad)
+                states.append(state)
+                roles.append(self.networks.resolve_role(group["role"], p))
+                lrs.append(group["lr"])
+                wds.append(group["weight_decay"])
+        return params, grads, states, roles, lrs, wds
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step.
+
+        Args:
+            closure: Re-evaluates the model and returns the loss (optional).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        params, grads, states, roles, lrs, wds = self._collect()
+        if not params:
+            return loss
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        deltas, new_states = lstm_update(
+            params, grads, states, self.networks, roles, lr=lrs, weight_decay=wds, impl=self.impl
+        )
+        if not bool(finite):
+            warnings.warn(
+                "LSTMOptimizer: the gradient has non-finite values (NaN or Inf); those coordinates "
+                "were not updated and their LSTM state was kept. Check the loss for overflow: "
+                "lower the learning rate, clip gradients, or use loss scaling.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        torch._foreach_add_(params, deltas)
+        for state, new in zip(states, new_states):
+            state["step"] += 1
+            for key, value in new.items():
+                state[key].copy_(value)
+        return loss
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["networks"] = self.networks
+        state["impl"] = self.impl
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state plus the update networks' architecture and weights.
+
+        Loadable with ``torch.load(..., weights_only=True)``.
+        """
+        sd = super().state_dict()
+        sd["update_networks"] = {
+            "architecture": self.networks.config.architecture(),
+            "weights": {k: v.detach().clone() for k, v in self.networks.state_dict().items()},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore per-coordinate LSTM states and the update networks' weights.
+
+        Raises:
+            ValueError: if the state dict was saved with update networks of another architecture
+                (roles, hidden size, features...).
+        """
+        state_dict = dict(state_dict)  # never mutate the caller's dict
+        saved_nets = state_dict.pop("update_networks", None)
+        if saved_nets is not None:
+            mine = self.networks.config.architecture()
+            theirs = saved_nets.get("architecture", {})
+            diffs = {k: (theirs.get(k), mine.get(k)) for k in sorted(set(mine) | set(theirs)) if theirs.get(k) != mine.get(k)}
+            if diffs:
+                shown = ", ".join(f"{k}: saved {a!r} vs this optimizer {b!r}" for k, (a, b) in diffs.items())
+                raise ValueError(
+                    "cannot load an optimizer state saved with other update networks "
+                    f"({shown}); construct LSTMOptimizer with the same pretrained networks first"
+                )
+        super().load_state_dict(state_dict)
+        if saved_nets is not None:
+            self.networks.load_state_dict(saved_nets["weights"])
+        # torch casts floating state to the parameter's dtype; state is kept in float32 for
+        # low-precision parameters, so re-read those tensors from the saved dict.
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(pid)
+            if saved is None or p not in self.state:
+                continue
+            dtype = state_dtype(torch.view_as_real(p).dtype if p.is_complex() else p.dtype)
+            for key in _STATE_KEYS:
+                if key in saved:
+                    self.state[p][key] = saved[key].to(dtype=dtype, device=p.device, copy=True)
+
+
+def _check_hyperparameters(*, lr: Any, weight_decay: Any) -> None:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        lr_value = float(lr)
+    else:
+        lr_value = lr
+    if not isinstance(lr_value, (int, float)) or not lr_value >= 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")

@@ -1,0 +1,1 @@
+"""Shipped pretrained optimizers, one folder each (installed as ``learnedopt.pretrained``)."""

@@ -1,0 +1,1 @@
+"""Meta-training for learnedopt (installed as ``learnedopt.training``)."""
