@@ -139,6 +139,10 @@ class UpdateNetworks(nn.Module):
     def roles(self) -> list[str]:
         return list(self.config.roles)
 
+    def head_device(self) -> torch.device:
+        """The device the networks' weights live on."""
+        return next(self.parameters()).device
+
     def network(self, role: str) -> UpdateNetwork:
         """The network that serves ``role``; a single-network bundle serves every role."""
         if len(self.config.roles) == 1:
@@ -153,9 +157,11 @@ class UpdateNetworks(nn.Module):
     def resolve_role(self, role: str | None, param: Tensor) -> str:
         """The role a parameter is updated with: ``role`` if given, else chosen from its shape.
 
-        Automatic choice: tensors of 3 or more dimensions (conv kernels) are ``conv``; tensors of
-        at most 1 dimension (biases, norm scales) are ``bias`` when the bundle has that role;
-        everything else is ``dense``. A single-network bundle serves every role.
+        Automatic choice: tensors of 3 or more dimensions (conv kernels) use ``conv`` and tensors of
+        at most 1 dimension (biases, norm scales) use ``bias``, each when the bundle has that role;
+        everything else, and a shape whose role the bundle lacks, uses ``dense`` (as in the paper,
+        where one network served everything fully connected). A single-network bundle serves every
+        role. An explicit role that the bundle lacks is an error.
         """
         roles = self.config.roles
         if role is not None:
@@ -167,19 +173,16 @@ class UpdateNetworks(nn.Module):
             return role
         if len(roles) == 1:
             return roles[0]
-        if param.dim() >= 3:
-            auto = "conv"
-        elif param.dim() <= 1 and "bias" in roles:
-            auto = "bias"
-        else:
-            auto = "dense"
-        if auto not in roles:
-            raise ValueError(
-                f"a parameter of shape {tuple(param.shape)} would use role {auto!r}, which these "
-                f"update networks lack (available: {roles}); set the param group's 'role' to one "
-                "of them explicitly"
-            )
-        return auto
+        if param.dim() >= 3 and "conv" in roles:
+            return "conv"
+        if param.dim() <= 1 and "bias" in roles:
+            return "bias"
+        if "dense" in roles:
+            return "dense"
+        raise ValueError(
+            f"a parameter of shape {tuple(param.shape)} has no network in these update networks "
+            f"(roles {roles}, no 'dense' fallback); set the param group's 'role' to one of them"
+        )
 
     # ------------------------------------------------------------------ pretrained format
     def save_pretrained(self, directory: str | Path, *, model_card: str | None = None) -> Path:

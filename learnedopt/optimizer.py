@@ -157,6 +157,9 @@ class LSTMOptimizer(Optimizer):
         params, grads, states, roles, lrs, wds = self._collect()
         if not params:
             return loss
+        device = params[0].device
+        if self.networks.head_device() != device:  # follow the model, e.g. after model.cuda()
+            self.networks.to(device)
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
         deltas, new_states = lstm_update(
             params, grads, states, self.networks, roles, lr=lrs, weight_decay=wds, impl=self.impl

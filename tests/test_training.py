@@ -1,0 +1,116 @@
+"""The minimal truncated-BPTT meta-trainer and its task families."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+import torch
+
+from learnedopt import LSTMOptimizer, UpdateNetworkConfig, UpdateNetworks, lstm_update
+from learnedopt.training.data import load_fashion_mnist
+from learnedopt.training.meta_train import MetaTrainConfig, evaluate, meta_train, truncated_unroll
+from learnedopt.training.tasks import MLPFamily, MixtureFamily, QuadraticFamily
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _mean_final_loss(networks: UpdateNetworks, seed: int = 99, tasks: int = 8, steps: int = 20) -> float:
+    generator = torch.Generator().manual_seed(seed)
+    family = QuadraticFamily()
+    finals = []
+    for _ in range(tasks):
+        task = family.sample(generator)
+        finals.append(evaluate(task, lambda ps: LSTMOptimizer(ps, networks=networks), steps)[-1])
+    return sum(finals) / len(finals)
+
+
+def test_meta_training_improves_the_optimizer_on_held_out_quadratics() -> None:
+    torch.manual_seed(0)
+    initial = UpdateNetworks(UpdateNetworkConfig(roles=["dense"]))
+    before = _mean_final_loss(initial)
+    config = MetaTrainConfig(outer_steps=60, meta_batch=4, horizon=20, unroll=10, meta_lr=1e-2, seed=0,
+                             networks={"roles": ["dense"]})
+    torch.manual_seed(0)
+    trained = meta_train(QuadraticFamily(), config)
+    after = _mean_final_loss(trained)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_truncated_unroll_uses_the_optimizers_update() -> None:
+    """The unroll's final parameters equal what LSTMOptimizer.step produces on the same task."""
+    torch.manual_seed(0)
+    nets = UpdateNetworks(UpdateNetworkConfig(roles=["dense"])).double()
+    task = QuadraticFamily().sample(torch.Generator().manual_seed(3))
+    task.w, task.y, task.theta0 = task.w.double(), task.y.double(), task.theta0.double()
+    _, params, _ = truncated_unroll(nets, task, task.init_params(), None, ["dense"], 0, 5)
+    p = task.init_params()[0].requires_grad_()
+    opt = LSTMOptimizer([p], networks=nets)
+    for t in range(5):
+        opt.zero_grad()
+        task.loss([p], t).backward()
+        opt.step()
+    torch.testing.assert_close(params[0].detach(), p.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_meta_gradient_reaches_every_network_weight() -> None:
+    torch.manual_seed(0)
+    nets = UpdateNetworks(UpdateNetworkConfig(roles=["dense", "bias"]))
+    task = MLPFamily("synthetic", hidden=((8,),)).sample(torch.Generator().manual_seed(0))
+    roles = [nets.resolve_role(None, p) for p in task.init_params()]
+    loss, _, _ = truncated_unroll(nets, task, task.init_params(), None, roles, 0, 3)
+    loss.backward()
+    for name, w in nets.named_parameters():
+        assert w.grad is not None and torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0, name
+
+
+def test_non_scalar_task_loss_is_rejected() -> None:
+    class Vector(QuadraticFamily):
+        def sample(self, generator):
+            task = super().sample(generator)
+            task.loss = lambda params, step: task.w @ params[0] - task.y
+            return task
+
+    nets = UpdateNetworks(UpdateNetworkConfig(roles=["dense"]))
+    task = Vector().sample(torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="must be a scalar"):
+        truncated_unroll(nets, task, task.init_params(), None, ["dense"], 0, 2)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="horizon \\(30\\) must be a multiple of unroll \\(20\\)"):
+        MetaTrainConfig(horizon=30, unroll=20)
+    with pytest.raises(ValueError, match="meta_batch must be at least 1"):
+        MetaTrainConfig(meta_batch=0)
+    with pytest.raises(ValueError, match="at least one family"):
+        MixtureFamily([])
+
+
+def test_missing_data_directory_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.gz.*LEARNEDOPT_DATA_DIR"):
+        load_fashion_mnist("train", str(tmp_path))
+
+
+def test_truncated_idx_file_is_reported(tmp_path: Path) -> None:
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    header = bytes([0, 0, 8, 3]) + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") + (28).to_bytes(4, "big")
+    with gzip.open(folder / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(header + bytes(100))
+    with gzip.open(folder / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + bytes(10))
+    with pytest.raises(ValueError, match="truncated"):
+        load_fashion_mnist("train", str(tmp_path))
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "fashion-mnist").is_dir(), reason="Fashion-MNIST not available")
+def test_fashion_mnist_mlp_task_is_the_papers_setup() -> None:
+    x, y = load_fashion_mnist("train", str(SHARED_DATA))
+    assert x.shape == (60000, 784) and y.shape == (60000,) and 0 <= x.min() and x.max() <= 1
+    assert set(y.unique().tolist()) == set(range(10))
+    task = MLPFamily("fashion_mnist", data_dir=str(SHARED_DATA)).sample(torch.Generator().manual_seed(0))
+    shapes = [tuple(p.shape) for p in task.init_params()]
+    assert shapes == [(20, 784), (20,), (10, 20), (10,)]
+    assert task.batch(0)[0].shape == (128, 784)
+    assert abs(float(task.eval_loss(task.init_params())) - 2.3) < 0.3

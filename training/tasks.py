@@ -1,0 +1,253 @@
+"""Tasks and task families: what an optimizer is meta-trained on.
+
+A :class:`Task` is one optimization problem: initial parameters, and a loss of the parameters at a
+given step (drawing its own minibatches). A :class:`TaskFamily` samples tasks from a
+``torch.Generator``. Both are small base classes; users subclass them for their own problems.
+
+Tasks are written functionally (the loss takes the parameters as a list of tensors) so that the
+meta-trainer can differentiate through the optimizer's updates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .data import load_fashion_mnist
+
+__all__ = [
+    "Task",
+    "TaskFamily",
+    "QuadraticTask",
+    "QuadraticFamily",
+    "MLPTask",
+    "MLPFamily",
+    "MixtureFamily",
+    "ACTIVATIONS",
+]
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "sigmoid": torch.sigmoid,
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "gelu": F.gelu,
+}
+
+
+class Task:
+    """One optimization problem.
+
+    Subclasses implement :meth:`init_params` and :meth:`loss`; :attr:`roles` may name the update
+    network of each tensor (``None``: chosen from the tensor's shape).
+    """
+
+    name: str = "task"
+
+    def init_params(self) -> list[Tensor]:
+        """Fresh initial parameters (plain tensors, no ``requires_grad``)."""
+        raise NotImplementedError
+
+    def loss(self, params: Sequence[Tensor], step: int) -> Tensor:
+        """Scalar training loss at inner ``step`` (its minibatch is a function of the step)."""
+        raise NotImplementedError
+
+    def eval_loss(self, params: Sequence[Tensor]) -> Tensor:
+        """Loss used to report progress; defaults to the loss at step 0's batch."""
+        return self.loss(params, 0)
+
+    @property
+    def roles(self) -> list[str | None]:
+        return [None] * len(self.init_params())
+
+
+class TaskFamily:
+    """A distribution over tasks."""
+
+    name: str = "family"
+
+    def sample(self, generator: torch.Generator) -> Task:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------- quadratics
+class QuadraticTask(Task):
+    """The paper's ``f(θ) = ||W θ - y||²`` with Gaussian ``W`` and ``y``."""
+
+    name = "quadratic"
+
+    def __init__(self, w: Tensor, y: Tensor, theta0: Tensor) -> None:
+        self.w, self.y, self.theta0 = w, y, theta0
+
+    def init_params(self) -> list[Tensor]:
+        return [self.theta0.clone()]
+
+    def loss(self, params: Sequence[Tensor], step: int) -> Tensor:
+        r = self.w @ params[0] - self.y
+        return (r * r).sum()
+
+    @property
+    def roles(self) -> list[str | None]:
+        return ["dense"]
+
+
+@dataclass
+class QuadraticFamily(TaskFamily):
+    """10-dimensional quadratics as in the paper (``θ0``, ``W`` and ``y`` standard normal)."""
+
+    dim: int = 10
+    name: str = "quadratic"
+
+    def sample(self, generator: torch.Generator) -> QuadraticTask:
+        d = self.dim
+        w = torch.randn(d, d, generator=generator)
+        y = torch.randn(d, generator=generator)
+        theta0 = torch.randn(d, generator=generator)
+        return QuadraticTask(w, y, theta0)
+
+
+# ---------------------------------------------------------------------- MLPs
+def synthetic_classification(
+    generator: torch.Generator, n: int, dim: int, classes: int
+) -> tuple[Tensor, Tensor]:
+    """Inputs ``N(0, I)`` labelled by a random two-layer teacher network (a learnable problem)."""
+    x = torch.randn(n, dim, generator=generator)
+    w1 = torch.randn(dim, 32, generator=generator) / math.sqrt(dim)
+    w2 = torch.randn(32, classes, generator=generator)
+    y = (torch.tanh(x @ w1 * 2) @ w2).argmax(dim=1)
+    return x, y
+
+
+class MLPTask(Task):
+    """A fully connected classifier trained with minibatches of a fixed data set."""
+
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        sizes: Sequence[int],
+        activation: str,
+        batch_size: int,
+        seed: int,
+        name: str = "mlp",
+    ) -> None:
+        self.x, self.y = x, y
+        self.sizes = list(sizes)
+        self.activation = ACTIVATIONS[activation]
+        self.batch_size = batch_size
+        self.seed = seed
+        self.name = name
+
+    def init_params(self) -> list[Tensor]:
+        g = torch.Generator().manual_seed(self.seed)
+        params = []
+        for fan_in, fan_out in zip(self.sizes[:-1], self.sizes[1:]):
+            bound = 1.0 / math.sqrt(fan_in)  # torch.nn.Linear's default initialisation
+            params.append((torch.rand(fan_out, fan_in, generator=g) * 2 - 1) * bound)
+            params.append((torch.rand(fan_out, generator=g) * 2 - 1) * bound)
+        return params
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        idx = torch.randint(0, len(self.x), (self.batch_size,), generator=g)
+        return self.x[idx], self.y[idx]
+
+    def forward(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
+        n_layers = len(params) // 2
+        for layer in range(n_layers):
+            x = F.linear(x, params[2 * layer], params[2 * layer + 1])
+            if layer < n_layers - 1:
+                x = self.activation(x)
+        return x
+
+    def loss(self, params: Sequence[Tensor], step: int) -> Tensor:
+        x, y = self.batch(step)
+        return F.cross_entropy(self.forward(params, x), y)
+
+    def eval_loss(self, params: Sequence[Tensor]) -> Tensor:
+        return F.cross_entropy(self.forward(params, self.x), self.y)
+
+    @property
+    def roles(self) -> list[str | None]:
+        return [None] * (2 * (len(self.sizes) - 1))
+
+
+@dataclass
+class MLPFamily(TaskFamily):
+    """MLP classifiers: the paper's Fashion/MNIST setup by default, or generated data.
+
+    Attributes:
+        dataset: ``"fashion_mnist"`` (read from ``data_dir``) or ``"synthetic"``.
+        hidden: Choices of hidden-layer widths; one tuple is drawn per task.
+        activations: Choices of activation.
+        batch_sizes: Choices of batch size.
+        data_dir: Folder holding ``fashion-mnist/`` (see :func:`learnedopt.training.data.data_dir`).
+        synthetic_dims: Choices of input dimension for generated data.
+        eval_examples: Examples of the training set used by ``eval_loss``.
+    """
+
+    dataset: str = "fashion_mnist"
+    hidden: Sequence[Sequence[int]] = ((20,),)
+    activations: Sequence[str] = ("sigmoid",)
+    batch_sizes: Sequence[int] = (128,)
+    data_dir: str | None = None
+    synthetic_dims: Sequence[int] = (16, 32, 64)
+    eval_examples: int = 4096
+    name: str = "mlp"
+
+    def __post_init__(self) -> None:
+        if self.dataset not in ("fashion_mnist", "synthetic"):
+            raise ValueError(f"dataset must be 'fashion_mnist' or 'synthetic', got {self.dataset!r}")
+        for act in self.activations:
+            if act not in ACTIVATIONS:
+                raise ValueError(f"unknown activation {act!r}; known: {sorted(ACTIVATIONS)}")
+
+    def _choice(self, options: Sequence, generator: torch.Generator):
+        return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+    def sample(self, generator: torch.Generator) -> MLPTask:
+        hidden = list(self._choice(self.hidden, generator))
+        activation = self._choice(self.activations, generator)
+        batch_size = self._choice(self.batch_sizes, generator)
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        if self.dataset == "fashion_mnist":
+            x, y = load_fashion_mnist("train", self.data_dir)
+            dim, classes = 784, 10
+        else:
+            dim = self._choice(self.synthetic_dims, generator)
+            classes = 10
+            x, y = synthetic_classification(generator, 4096, dim, classes)
+        # a fixed random subset for the reported (full-batch) loss keeps evaluation cheap
+        sub = torch.randperm(len(x), generator=generator)[: self.eval_examples]
+        x_eval, y_eval = x[sub], y[sub]
+        task = MLPTask(x, y, [dim, *hidden, classes], activation, batch_size, seed,
+                       name=f"{self.name}-{self.dataset}-{'x'.join(map(str, hidden))}-{activation}")
+        task.eval_loss = lambda params, _t=task: F.cross_entropy(_t.forward(params, x_eval), y_eval)  # type: ignore[method-assign]
+        return task
+
+
+# ---------------------------------------------------------------------- mixtures
+@dataclass
+class MixtureFamily(TaskFamily):
+    """Samples a family with probability proportional to its weight, then a task from it."""
+
+    families: Sequence[TaskFamily] = field(default_factory=list)
+    weights: Sequence[float] | None = None
+    name: str = "mixture"
+
+    def __post_init__(self) -> None:
+        if not self.families:
+            raise ValueError("MixtureFamily needs at least one family")
+        if self.weights is not None and len(self.weights) != len(self.families):
+            raise ValueError(
+                f"MixtureFamily has {len(self.families)} families but {len(self.weights)} weights"
+            )
+
+    def sample(self, generator: torch.Generator) -> Task:
+        weights = torch.tensor(self.weights if self.weights is not None else [1.0] * len(self.families))
+        k = int(torch.multinomial(weights, 1, generator=generator))
+        return self.families[k].sample(generator)
