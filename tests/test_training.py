@@ -10,7 +10,7 @@ import torch
 
 from learnedopt import LSTMOptimizer, UpdateNetworkConfig, UpdateNetworks, lstm_update
 from learnedopt.training.data import load_fashion_mnist
-from learnedopt.training.meta_train import MetaTrainConfig, evaluate, meta_train, truncated_unroll
+from learnedopt.training import MetaTrainConfig, MetaTrainer, evaluate, truncated_unroll
 from learnedopt.training.tasks import MLPFamily, MixtureFamily, QuadraticFamily
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -26,14 +26,14 @@ def _mean_final_loss(networks: UpdateNetworks, seed: int = 99, tasks: int = 8, s
     return sum(finals) / len(finals)
 
 
-def test_meta_training_improves_the_optimizer_on_held_out_quadratics() -> None:
+def test_meta_training_improves_the_optimizer_on_held_out_quadratics(tmp_path: Path) -> None:
     torch.manual_seed(0)
     initial = UpdateNetworks(UpdateNetworkConfig(roles=["dense"]))
     before = _mean_final_loss(initial)
-    config = MetaTrainConfig(outer_steps=60, meta_batch=4, horizon=20, unroll=10, meta_lr=1e-2, seed=0,
+    config = MetaTrainConfig(task_family="quadratic", outer_steps=60, meta_batch=4, horizon=20, unroll=10,
+                             meta_lr=1e-2, seed=0, eval_every=0, eval_tasks=2, baseline_lrs=[0.1],
                              networks={"roles": ["dense"]})
-    torch.manual_seed(0)
-    trained = meta_train(QuadraticFamily(), config)
+    trained = MetaTrainer(config, tmp_path, progress=False).run()
     after = _mean_final_loss(trained)
     assert after < 0.7 * before, (before, after)
 
@@ -81,7 +81,7 @@ def test_non_scalar_task_loss_is_rejected() -> None:
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="horizon \\(30\\) must be a multiple of unroll \\(20\\)"):
         MetaTrainConfig(horizon=30, unroll=20)
-    with pytest.raises(ValueError, match="meta_batch must be at least 1"):
+    with pytest.raises(ValueError, match="meta_batch must be a positive integer, got 0"):
         MetaTrainConfig(meta_batch=0)
     with pytest.raises(ValueError, match="at least one family"):
         MixtureFamily([])

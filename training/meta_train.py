@@ -1,17 +1,19 @@
-"""Meta-training with truncated backpropagation through time (minimal trainer).
+"""Meta-train an LSTMOptimizer on a task family: the Python API and the ``learnedopt-train`` command.
 
-The optimizer's update is :func:`learnedopt.lstm_update`, the same function that
-``LSTMOptimizer.step`` calls; here gradients flow through it into the update networks.
+From Python::
 
-Each of ``meta_batch`` task slots holds a task, its current parameters and optimizer state. An
-outer step unrolls every slot for ``unroll`` inner steps, sums the (initial-loss-normalised)
-losses along the way, backpropagates into the networks, and takes one meta-optimizer (Adam) step.
-The parameters and states are then detached (the truncation), so only one truncation's graph is
-alive at a time; a slot whose task has reached ``horizon`` steps draws a new task.
+    from learnedopt.training import meta_train
+    networks = meta_train("quadratic", "runs/quad", outer_steps=500, meta_batch=8, horizon=100, unroll=20)
 
-Command line::
+From the command line (every setting of :class:`MetaTrainConfig` is a flag, and can come from a
+JSON or TOML file given with ``--config``)::
 
-    python -m learnedopt.training.meta_train --family default-mix --out runs/default --outer-steps 2000
+    learnedopt-train --task-family quadratic --out runs/quad --outer-steps 500
+    learnedopt-train --task-family my_module:MyFamily --out runs/mine --resume
+
+The output directory is a pretrained directory (``LSTMOptimizer(params, pretrained=DIR)``) with the
+best networks by validation, a model card with the command and measured results, the JSONL log,
+``checkpoint.pt`` (for ``--resume``), and ``curves.png`` when matplotlib is installed.
 """
 
 from __future__ import annotations
@@ -19,220 +21,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from learnedopt import LSTMOptimizer, UpdateNetworkConfig, UpdateNetworks, init_state, lstm_update
+from learnedopt import LSTMOptimizer, UpdateNetworks
 
-from .tasks import MixtureFamily, MLPFamily, QuadraticFamily, Task, TaskFamily
+from .tasks import MixtureFamily, TaskFamily, resolve_family
+from .trainer import DONE_NAME, EVAL_NAME, LOG_NAME, MetaTrainConfig, MetaTrainer, evaluate, truncated_unroll
 
-__all__ = [
-    "MetaTrainConfig",
-    "truncated_unroll",
-    "meta_train",
-    "evaluate",
-    "compare_with_adam",
-    "FAMILIES",
-    "main",
-]
-
-
-@dataclass
-class MetaTrainConfig:
-    """Settings of a meta-training run (every field is a command-line flag)."""
-
-    outer_steps: int = 1000
-    meta_batch: int = 4
-    horizon: int = 100
-    unroll: int = 20
-    meta_lr: float = 3e-3
-    grad_clip: float = 1.0
-    second_order: bool = False
-    seed: int = 0
-    max_nonfinite: int = 20
-    eval_every: int = 0
-    log_every: int = 10
-    networks: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for name in ("outer_steps", "meta_batch", "horizon", "unroll"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.horizon % self.unroll:
-            raise ValueError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
-
-
-def _default_mix(data_dir: str | None) -> TaskFamily:
-    """Quadratics, Fashion-MNIST MLPs (the paper's and variants) and MLPs on generated data."""
-    return MixtureFamily(
-        [
-            QuadraticFamily(),
-            MLPFamily("fashion_mnist", hidden=((20,),), activations=("sigmoid",), data_dir=data_dir),
-            MLPFamily(
-                "fashion_mnist", hidden=((20,), (32,), (16, 16)), activations=("relu", "tanh"),
-                batch_sizes=(64, 128), data_dir=data_dir,
-            ),
-            MLPFamily("synthetic", hidden=((32,), (16, 16)), activations=("sigmoid", "relu", "tanh")),
-        ],
-        weights=[1.0, 1.0, 1.0, 1.0],
-    )
-
-
-#: Built-in task families by command-line name; each takes the data directory.
-FAMILIES: dict[str, Callable[[str | None], TaskFamily]] = {
-    "quadratic": lambda data_dir: QuadraticFamily(),
-    "mlp": lambda data_dir: MLPFamily("fashion_mnist", data_dir=data_dir),
-    "mlp-synthetic": lambda data_dir: MLPFamily("synthetic", hidden=((32,),), activations=("sigmoid", "relu")),
-    "default-mix": _default_mix,
-}
-
-
-# ---------------------------------------------------------------------- the unroll
-@dataclass
-class _Slot:
-    task: Task
-    params: list[Tensor]
-    states: list[dict[str, Tensor]] | None
-    roles: list[str]
-    step: int
-    scale: float
-
-
-def truncated_unroll(
-    networks: UpdateNetworks,
-    task: Task,
-    params: Sequence[Tensor],
-    states: Sequence[dict[str, Tensor]] | None,
-    roles: Sequence[str],
-    start: int,
-    length: int,
-    *,
-    second_order: bool = False,
-) -> tuple[Tensor, list[Tensor], list[dict[str, Tensor]]]:
-    """Unroll ``length`` inner steps from ``start``; return the summed loss along the way.
-
-    The meta-loss is ``sum_{k=1..length} f(θ_{start+k})``; its graph reaches the networks'
-    weights through every update. The optimizee's gradient is treated as an input (detached)
-    unless ``second_order``.
-
-    Returns:
-        ``(meta_loss, params, states)`` with the graph still attached (detach to truncate).
-    """
-    params = [p if p.requires_grad else p.detach().requires_grad_() for p in params]
-    meta_loss = params[0].new_zeros(())
-    for k in range(length + 1):
-        loss = task.loss(params, start + k)
-        if loss.dim() != 0:
-            raise ValueError(f"task {task.name!r} returned a loss of shape {tuple(loss.shape)}; it must be a scalar")
-        if k > 0:
-            meta_loss = meta_loss + loss
-        if k == length:
-            break
-        grads = torch.autograd.grad(loss, params, create_graph=second_order, retain_graph=True)
-        if not second_order:
-            grads = [g.detach() for g in grads]
-        if states is None:
-            states = [init_state(g, networks.config) for g in grads]
-        deltas, states = lstm_update(params, grads, states, networks, roles)
-        params = [p + d for p, d in zip(params, deltas)]
-    return meta_loss, params, list(states)
-
-
-def _new_slot(networks: UpdateNetworks, family: TaskFamily, generator: torch.Generator) -> _Slot:
-    task = family.sample(generator)
-    params = task.init_params()
-    roles = [networks.resolve_role(r, p) for r, p in zip(task.roles, params)]
-    with torch.no_grad():
-        scale = float(task.loss(params, 0))
-    if not math.isfinite(scale) or scale <= 0:
-        scale = 1.0
-    return _Slot(task, params, None, roles, 0, scale)
-
-
-def meta_train(
-    family: TaskFamily,
-    config: MetaTrainConfig,
-    *,
-    networks: UpdateNetworks | None = None,
-    log: Callable[[dict[str, Any]], None] | None = None,
-) -> UpdateNetworks:
-    """Meta-train update networks on ``family``; returns the trained networks."""
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    if networks is None:
-        networks = UpdateNetworks(UpdateNetworkConfig(**config.networks))
-    meta_opt = torch.optim.Adam(networks.parameters(), lr=config.meta_lr)
-    slots = [_new_slot(networks, family, generator) for _ in range(config.meta_batch)]
-    nonfinite_in_row = 0
-    start_time = time.time()
-    for outer in range(config.outer_steps):
-        meta_opt.zero_grad()
-        total = 0.0
-        next_slots = []
-        bad = False
-        for slot in slots:
-            loss, params, states = truncated_unroll(
-                networks, slot.task, slot.params, slot.states, slot.roles, slot.step, config.unroll,
-                second_order=config.second_order,
-            )
-            loss = loss / (slot.scale * config.unroll * config.meta_batch)
-            if not torch.isfinite(loss):
-                bad = True
-                break
-            loss.backward()
-            total += float(loss.detach())
-            next_slots.append(
-                _Slot(slot.task, [p.detach() for p in params],
-                      [{k: v.detach() for k, v in s.items()} for s in states],
-                      slot.roles, slot.step + config.unroll, slot.scale)
-            )
-        if bad:
-            nonfinite_in_row += 1
-            meta_opt.zero_grad()
-            if nonfinite_in_row >= config.max_nonfinite:
-                raise FloatingPointError(
-                    f"{nonfinite_in_row} truncations in a row had a non-finite meta-loss; lower "
-                    "--meta-lr or --unroll, or check the task family's losses"
-                )
-            slots = [_new_slot(networks, family, generator) for _ in range(config.meta_batch)]
-            continue
-        nonfinite_in_row = 0
-        grad_norm = torch.nn.utils.clip_grad_norm_(networks.parameters(), config.grad_clip)
-        meta_opt.step()
-        slots = [
-            s if s.step < config.horizon else _new_slot(networks, family, generator) for s in next_slots
-        ]
-        if log is not None and (outer % config.log_every == 0 or outer == config.outer_steps - 1):
-            log({"outer_step": outer, "meta_loss": total, "grad_norm": float(grad_norm),
-                 "elapsed_s": round(time.time() - start_time, 1)})
-    return networks
-
-
-# ---------------------------------------------------------------------- evaluation
-def evaluate(task: Task, make_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer], steps: int) -> list[float]:
-    """Train ``task`` for ``steps`` with a torch optimizer; the eval loss before and after each step."""
-    params = [p.clone().requires_grad_() for p in task.init_params()]
-    opt = make_optimizer(params)
-    curve = []
-    for t in range(steps):
-        with torch.no_grad():
-            curve.append(float(task.eval_loss(params)))
-        opt.zero_grad()
-        task.loss(params, t).backward()
-        opt.step()
-    with torch.no_grad():
-        curve.append(float(task.eval_loss(params)))
-    return curve
+__all__ = ["meta_train", "compare_with_adam", "main", "MetaTrainConfig", "truncated_unroll", "evaluate"]
 
 
 def compare_with_adam(
@@ -254,8 +58,7 @@ def compare_with_adam(
             roles = task.roles
 
             def make_lstm(params, roles=roles):
-                groups = [{"params": [p], "role": r} for p, r in zip(params, roles)]
-                return LSTMOptimizer(groups, networks=networks)
+                return LSTMOptimizer([{"params": [p], "role": r} for p, r in zip(params, roles)], networks=networks)
 
             lstm.append(evaluate(task, make_lstm, steps)[-1])
             adam.append(evaluate(task, lambda ps: torch.optim.Adam(ps, lr=adam_lr), steps)[-1])
@@ -270,19 +73,130 @@ def compare_with_adam(
     return results
 
 
-# ---------------------------------------------------------------------- command line
+def _component_families(family: TaskFamily) -> dict[str, TaskFamily]:
+    if isinstance(family, MixtureFamily):
+        return {f"{i}:{getattr(f, 'name', type(f).__name__)}{':' + f.dataset if hasattr(f, 'dataset') else ''}": f
+                for i, f in enumerate(family.families)}
+    return {getattr(family, "name", type(family).__name__): family}
+
+
+def meta_train(
+    task_family: str | TaskFamily,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    name: str | None = None,
+    description: str = "A learned optimizer meta-trained with learnedopt.",
+    final_eval_tasks: int = 10,
+    progress: bool = True,
+    command: str | None = None,
+    **settings: Any,
+) -> UpdateNetworks:
+    """Meta-train update networks on ``task_family`` into the pretrained directory ``out``.
+
+    Args:
+        task_family: A built-in family name, ``"module.path:ClassName"``, or a :class:`TaskFamily`.
+        out: Output directory (a pretrained directory plus checkpoint and logs).
+        resume: Continue the run in ``out`` from its checkpoint.
+        overwrite: Replace a run already in ``out``.
+        name, description: Written to the model card and ``config.json``.
+        final_eval_tasks: Fresh tasks per family for the closing comparison with ``Adam(lr=1e-3)``.
+        progress: Show a tqdm progress bar.
+        **settings: Fields of :class:`MetaTrainConfig` (``outer_steps``, ``horizon``, ...).
+
+    Returns:
+        The best networks by validation, also saved in ``out``.
+    """
+    family_spec = task_family if isinstance(task_family, str) else f"{type(task_family).__module__}:{type(task_family).__qualname__}"
+    config = MetaTrainConfig(task_family=family_spec, **settings)
+    family = task_family if isinstance(task_family, TaskFamily) else None
+    trainer = MetaTrainer(config, out, family=family, resume=resume, overwrite=overwrite, progress=progress)
+    started = time.time()
+    networks = trainer.run()
+    wall = time.time() - started
+    if trainer.dist.rank != 0:
+        return networks
+    out = Path(out)
+    results = compare_with_adam(networks, _component_families(trainer.family), tasks_per_family=final_eval_tasks,
+                                steps=config.horizon)
+    machine = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads, {trainer.dist.world} process(es)"
+    name = name or out.resolve().name
+    command = command or "learnedopt.training.meta_train(...) from Python"
+    validation = {
+        "best_outer_step": trainer.best_step,
+        "lstm_final_loss": trainer.best_score,
+        "baselines": {k: {"lr": v["lr"], "final_loss": v["final"]} for k, v in trainer.baselines.items()},
+    }
+    networks.config.description = description
+    networks.config.training = {
+        "name": name,
+        "command": command,
+        "task_family": config.task_family,
+        "settings": config.to_dict(),
+        "validation": validation,
+        "results_vs_adam": results,
+        "wall_time_s": round(wall, 1),
+        "machine": machine,
+    }
+    eval_record = {"validation": validation, "lstm_curve": trainer.last_eval.get("lstm"),
+                   "baseline_curves": {k: v["curve"] for k, v in trainer.baselines.items()}}
+    (out / EVAL_NAME).write_text(json.dumps(eval_record, indent=2) + "\n")
+    networks.save_pretrained(out, model_card=_model_card(name, description, command, config, results, validation, wall, machine))
+    _plot(out)
+    (out / DONE_NAME).write_text(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    return networks
+
+
+def _plot(out: Path) -> None:
+    """``curves.png``: meta-loss over outer steps, and validation loss curves against the baselines."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: skipping curves.png (pip install 'learnedopt[plot]')", file=sys.stderr)
+        return
+    records = [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines() if line]
+    steps = [r["outer_step"] for r in records if "meta_loss" in r]
+    losses = [r["meta_loss"] for r in records if "meta_loss" in r]
+    evals = json.loads((out / EVAL_NAME).read_text())
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(steps, losses, lw=0.6)
+    a.set_xlabel("outer step")
+    a.set_ylabel("meta-loss (normalised)")
+    a.set_yscale("log")
+    a.set_title("meta-training")
+    if evals.get("lstm_curve"):
+        b.plot(evals["lstm_curve"], label="LSTMOptimizer", lw=2)
+    for k, curve in evals["baseline_curves"].items():
+        b.plot(curve, label=f"{k} (lr {evals['validation']['baselines'][k]['lr']:g})")
+    b.set_xlabel("inner step")
+    b.set_ylabel("validation loss (mean over held-out tasks)")
+    b.set_yscale("log")
+    b.legend()
+    b.set_title("held-out tasks")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- model card
 def _model_card(name: str, description: str, command: str, config: MetaTrainConfig,
-                results: dict[str, dict[str, float]], wall_s: float, machine: str) -> str:
+                results: dict[str, dict[str, float]], validation: dict[str, Any], wall_s: float, machine: str) -> str:
     rows = [
         "| family | tasks | steps | LSTMOptimizer | Adam(lr=1e-3) | LSTM wins |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for fam, r in results.items():
-        rows.append(
-            f"| {fam} | {r['tasks']} | {r['steps']} | {r['lstm']:.4f} | {r['adam_lr0.001']:.4f} | "
-            f"{r['lstm_wins']}/{r['tasks']} |"
-        )
-    settings = json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True)
+        rows.append(f"| {fam} | {r['tasks']} | {r['steps']} | {r['lstm']:.4f} | {r['adam_lr0.001']:.4f} | "
+                    f"{r['lstm_wins']}/{r['tasks']} |")
+    vrows = ["| optimizer | tuned lr | mean final loss |", "| --- | --- | --- |",
+             f"| LSTMOptimizer (best, outer step {validation['best_outer_step']}) | - | {validation['lstm_final_loss']:.4f} |"]
+    for k, v in validation["baselines"].items():
+        vrows.append(f"| {k} | {v['lr']:g} | {v['final_loss']:.4f} |")
+    settings = json.dumps(config.to_dict(), indent=2, sort_keys=True)
     return f"""---
 library_name: learnedopt
 tags:
@@ -301,10 +215,10 @@ optimizer = LSTMOptimizer(model.parameters(), pretrained="{name}")
 
 ## How it was made
 
-Meta-trained with truncated BPTT (`learnedopt.training.meta_train`), horizon {config.horizon}
-inner steps, unroll {config.unroll}, meta-batch {config.meta_batch}, {config.outer_steps} outer
-steps, meta-optimizer Adam (lr {config.meta_lr}), first-order (optimizee gradients as inputs):
-{'yes' if not config.second_order else 'no'}. Wall time {wall_s / 60:.1f} min on {machine}.
+Meta-trained with truncated BPTT (`learnedopt.training`) on task family `{config.task_family}`,
+horizon {config.horizon} inner steps, unroll {config.unroll}, meta-batch {config.meta_batch},
+{config.outer_steps} outer steps, meta-optimizer Adam (lr {config.meta_lr}),
+{'second' if config.second_order else 'first'}-order. Wall time {wall_s / 60:.1f} min on {machine}.
 
 ```
 {command}
@@ -316,88 +230,106 @@ Settings:
 {settings}
 ```
 
-## Results (measured at the end of the run above)
+## Results (measured by the run above)
 
-Mean full-data training loss after {next(iter(results.values()))['steps']} steps on freshly sampled
-tasks (seed 12345, not seen in meta-training), against `torch.optim.Adam(lr=1e-3)`:
+Validation on {config.eval_tasks} held-out tasks of the family after {config.horizon} steps, against
+baselines whose learning rate was tuned on the grid {config.baseline_lrs}:
+
+{chr(10).join(vrows)}
+
+Mean full-data training loss after {config.horizon} steps on freshly sampled tasks (seed 12345),
+against `torch.optim.Adam(lr=1e-3)`:
 
 {chr(10).join(rows)}
 
-Limits: measured only on the families above; behaviour on other models is not covered by this
-table (see the project README for broader evaluation).
+Limits: measured only on the families above; behaviour on other models is not covered here.
 """
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m learnedopt.training.meta_train", description=__doc__.split("\n")[0])
-    parser.add_argument("--family", default="default-mix", choices=sorted(FAMILIES))
-    parser.add_argument("--out", required=True, help="output pretrained directory")
-    parser.add_argument("--name", default=None, help="name in the model card (default: the folder name)")
-    parser.add_argument("--description", default="A learned optimizer meta-trained with learnedopt.")
-    parser.add_argument("--data-dir", default=None, help="folder holding fashion-mnist/")
-    parser.add_argument("--roles", default="dense,bias", help="comma-separated network roles")
-    parser.add_argument("--hidden-size", type=int, default=20)
-    parser.add_argument("--features", default=None, help="comma-separated input features (see learnedopt.FEATURES)")
-    parser.add_argument("--output-scale", type=float, default=None)
-    parser.add_argument("--eval-tasks", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None)
+# ---------------------------------------------------------------------- command line
+_NETWORK_FLAGS = {"roles": str, "hidden_size": int, "features": str, "output_scale": float}
+_RUN_FLAGS = {"name": None, "description": "A learned optimizer meta-trained with learnedopt.",
+              "final_eval_tasks": 10, "threads": None}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="learnedopt-train", description=__doc__.split("\n")[0],
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--task-family", "--family", dest="task_family",
+                   help="built-in family, 'mixture:a=1,b=2', or module.path:ClassName")
+    p.add_argument("--out", help="output directory (required)")
+    p.add_argument("--config", help="JSON or TOML file with settings (flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--name", help="name for the model card (default: the folder name)")
+    p.add_argument("--description", help="one-line description in config.json and the model card")
+    p.add_argument("--final-eval-tasks", type=int, help="fresh tasks per family for the closing Adam comparison")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--roles", help="comma-separated network roles, e.g. conv,dense")
+    p.add_argument("--hidden-size", type=int)
+    p.add_argument("--features", help="comma-separated input features (see learnedopt.FEATURES)")
+    p.add_argument("--output-scale", type=float)
     for f in dataclasses.fields(MetaTrainConfig):
-        if f.name == "networks":
+        if f.name in ("task_family", "networks", "family_kwargs", "baselines", "baseline_lrs"):
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true")
+            p.add_argument(flag, action="store_true")
+        elif f.name == "data_dir":
+            p.add_argument(flag, help="folder holding fashion-mnist/ (default $LEARNEDOPT_DATA_DIR)")
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = MetaTrainConfig(
-        **{f.name: getattr(args, f.name) for f in dataclasses.fields(MetaTrainConfig) if f.name != "networks"},
-        networks={
-            "roles": args.roles.split(","),
-            "hidden_size": args.hidden_size,
-            **({"features": args.features.split(",")} if args.features else {}),
-            **({"output_scale": args.output_scale} if args.output_scale is not None else {}),
-        },
-    )
-    family = FAMILIES[args.family](args.data_dir)
-    out = Path(args.out)
-    name = args.name or out.name
-    log_path = out / "train_log.jsonl"
-    out.mkdir(parents=True, exist_ok=True)
-    log_file = open(log_path, "w")
+            p.add_argument(flag, type=type(f.default))
+    p.add_argument("--family-kwargs", type=json.loads, help="JSON object of family constructor arguments")
+    p.add_argument("--baselines", type=lambda s: s.split(","), help="comma-separated, e.g. adam,rmsprop,sgd,nag")
+    p.add_argument("--baseline-lrs", type=lambda s: [float(x) for x in s.split(",")])
+    return p
 
-    def log(record: dict[str, Any]) -> None:
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-        print(json.dumps(record), flush=True)
 
-    started = time.time()
-    networks = meta_train(family, config, log=log)
-    wall = time.time() - started
-    log_file.close()
-    eval_families = FAMILIES[args.family](args.data_dir)
-    families = (
-        {f"{f.name}:{getattr(f, 'dataset', '')}:{i}": f for i, f in enumerate(eval_families.families)}
-        if isinstance(eval_families, MixtureFamily) else {args.family: eval_families}
-    )
-    results = compare_with_adam(networks, families, tasks_per_family=args.eval_tasks, steps=config.horizon)
-    print(json.dumps(results, indent=2))
-    command = "python -m learnedopt.training.meta_train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    machine = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    networks.config.description = args.description
-    networks.config.training = {
-        "name": name,
-        "command": command,
-        "family": args.family,
-        "settings": dataclasses.asdict(config),
-        "results_vs_adam": results,
-        "wall_time_s": round(wall, 1),
-        "machine": machine,
-    }
-    card = _model_card(name, args.description, command, config, results, wall, machine)
-    networks.save_pretrained(out, model_card=card)
+def _read_config_file(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--config file {path!r} not found")
+    if file.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(file.read_text())
+    else:
+        data = json.loads(file.read_text())
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args = vars(parser.parse_args(argv))
+    settings = _read_config_file(args.pop("config")) if "config" in args else {}
+    settings.update(args)
+    if "out" not in settings or "task_family" not in settings:
+        parser.error("--out and --task-family are required (on the command line or in --config)")
+    known = {f.name for f in dataclasses.fields(MetaTrainConfig)} | set(_NETWORK_FLAGS) | set(_RUN_FLAGS) | {
+        "out", "resume", "overwrite", "progress"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        parser.error(f"unknown settings {unknown} in --config")
+    networks = dict(settings.pop("networks", {}))
+    for key in _NETWORK_FLAGS:
+        if key in settings:
+            value = settings.pop(key)
+            networks[key] = value.split(",") if key in ("roles", "features") and isinstance(value, str) else value
+    run = {k: settings.pop(k, default) for k, default in _RUN_FLAGS.items()}
+    if run.pop("threads"):
+        torch.set_num_threads(int(args["threads"]))
+    command = "learnedopt-train " + " ".join(shlex.quote(a) for a in argv)
+    try:
+        meta_train(
+            settings.pop("task_family"), settings.pop("out"), resume=settings.pop("resume", False),
+            overwrite=settings.pop("overwrite", False), progress=settings.pop("progress", True),
+            command=command, networks=networks, **run, **settings,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, TypeError, FloatingPointError) as err:
+        print(f"learnedopt-train: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

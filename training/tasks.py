@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,10 @@ from torch import Tensor
 from .data import load_fashion_mnist
 
 __all__ = [
+    "ModuleTask",
+    "ConvFamily",
+    "FAMILIES",
+    "resolve_family",
     "Task",
     "TaskFamily",
     "QuadraticTask",
@@ -251,3 +256,171 @@ class MixtureFamily(TaskFamily):
         weights = torch.tensor(self.weights if self.weights is not None else [1.0] * len(self.families))
         k = int(torch.multinomial(weights, 1, generator=generator))
         return self.families[k].sample(generator)
+
+
+# ---------------------------------------------------------------------- tasks from nn.Modules
+@lru_cache(maxsize=4)
+def _pooled_fashion_mnist(size: int, data_dir: str | None) -> tuple[Tensor, Tensor]:
+    x, y = load_fashion_mnist("train", data_dir)
+    return F.adaptive_avg_pool2d(x.view(-1, 1, 28, 28), size), y
+
+
+class ModuleTask(Task):
+    """A task made from a freshly initialised ``nn.Module``, a batch function and a loss function.
+
+    The module's parameters are the task's parameters (their order is ``module.parameters()``);
+    the loss runs the module functionally (``torch.func.functional_call``), so the meta-trainer can
+    differentiate through the optimizer's updates.
+
+    Args:
+        module: The model, freshly initialised.
+        batch: ``batch(step) -> (inputs, targets)``; a function of the step only.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+        eval_batch: Data for :meth:`eval_loss` (default: the batch of step 0).
+    """
+
+    def __init__(self, module: torch.nn.Module, batch: Callable[[int], tuple[Tensor, Tensor]],
+                 loss_fn: Callable[[Tensor, Tensor], Tensor], eval_batch: tuple[Tensor, Tensor] | None = None,
+                 name: str = "module") -> None:
+        self.module = module
+        self.names = [n for n, _ in module.named_parameters()]
+        self.initial = [p.detach().clone() for p in module.parameters()]
+        self.batch = batch
+        self.loss_fn = loss_fn
+        self.eval_batch = eval_batch
+        self.name = name
+
+    def init_params(self) -> list[Tensor]:
+        return [p.clone() for p in self.initial]
+
+    def _loss_on(self, params: Sequence[Tensor], data: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = data
+        out = torch.func.functional_call(self.module, dict(zip(self.names, params)), (x,))
+        return self.loss_fn(out, y)
+
+    def loss(self, params: Sequence[Tensor], step: int) -> Tensor:
+        return self._loss_on(params, self.batch(step))
+
+    def eval_loss(self, params: Sequence[Tensor]) -> Tensor:
+        return self._loss_on(params, self.eval_batch if self.eval_batch is not None else self.batch(0))
+
+    @property
+    def roles(self) -> list[str | None]:
+        return [None] * len(self.initial)
+
+
+@dataclass
+class ConvFamily(TaskFamily):
+    """A small conv net with a dense head on Fashion-MNIST (or generated images).
+
+    Two 3x3 conv layers (``channels`` each, ReLU, 2x2 max-pool) on images downsampled to
+    ``image_size``, then a dense classifier: conv kernels and dense weights both get updates, so
+    a bundle's ``conv`` and ``dense`` networks are meta-trained together.
+    """
+
+    dataset: str = "fashion_mnist"
+    channels: Sequence[int] = (8,)
+    image_size: int = 14
+    batch_sizes: Sequence[int] = (64,)
+    data_dir: str | None = None
+    eval_examples: int = 1024
+    name: str = "conv"
+
+    def sample(self, generator: torch.Generator) -> ModuleTask:
+        c = self.channels[int(torch.randint(len(self.channels), (1,), generator=generator))]
+        batch_size = self.batch_sizes[int(torch.randint(len(self.batch_sizes), (1,), generator=generator))]
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        if self.dataset == "fashion_mnist":
+            x, y = _pooled_fashion_mnist(self.image_size, self.data_dir)
+        else:
+            x = torch.randn(2048, 1, self.image_size, self.image_size, generator=generator)
+            y = (x.mean(dim=(1, 2, 3)) * 4 + torch.randn(2048, generator=generator)).clamp(-2, 1.99).add(2).mul(2.5).long()
+        torch_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        side = self.image_size // 4
+        module = torch.nn.Sequential(
+            torch.nn.Conv2d(1, c, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(), torch.nn.Linear(c * side * side, 10),
+        )
+        torch.random.set_rng_state(torch_state)
+        sub = torch.randperm(len(x), generator=generator)[: self.eval_examples]
+
+        def batch(step: int, x=x, y=y) -> tuple[Tensor, Tensor]:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            idx = torch.randint(0, len(x), (batch_size,), generator=g)
+            return x[idx], y[idx]
+
+        return ModuleTask(module, batch, F.cross_entropy, (x[sub], y[sub]), name=f"conv-{self.dataset}-{c}")
+
+
+# ---------------------------------------------------------------------- registry
+def _default_mix(data_dir: str | None = None) -> MixtureFamily:
+    """Quadratics, Fashion-MNIST MLPs (the paper's and variants) and MLPs on generated data."""
+    return MixtureFamily(
+        [
+            QuadraticFamily(),
+            MLPFamily("fashion_mnist", hidden=((20,),), activations=("sigmoid",), data_dir=data_dir),
+            MLPFamily("fashion_mnist", hidden=((20,), (32,), (16, 16)), activations=("relu", "tanh"),
+                      batch_sizes=(64, 128), data_dir=data_dir),
+            MLPFamily("synthetic", hidden=((32,), (16, 16)), activations=("sigmoid", "relu", "tanh")),
+        ],
+        weights=[1.0, 1.0, 1.0, 1.0],
+    )
+
+
+#: Built-in task families by name. Each is called with the family's keyword arguments (and
+#: ``data_dir`` for those that read data).
+FAMILIES: dict[str, Callable[..., TaskFamily]] = {
+    "quadratic": QuadraticFamily,
+    "mlp": lambda data_dir=None, **kw: MLPFamily("fashion_mnist", data_dir=data_dir, **kw),
+    "mlp-synthetic": lambda data_dir=None, **kw: MLPFamily(
+        "synthetic", **{"hidden": ((32,),), "activations": ("sigmoid", "relu"), **kw}),
+    "conv": lambda data_dir=None, **kw: ConvFamily(data_dir=data_dir, **kw),
+    "default-mix": _default_mix,
+}
+_NEEDS_DATA = {"mlp", "mlp-synthetic", "conv", "default-mix"}
+
+
+def resolve_family(spec: str | TaskFamily, kwargs: dict | None = None, data_dir: str | None = None) -> TaskFamily:
+    """A task family from a built-in name, ``"module.path:ClassName"``, or an instance.
+
+    ``"mixture:NAME=WEIGHT,NAME=WEIGHT"`` mixes built-in families.
+    """
+    import importlib
+
+    kwargs = dict(kwargs or {})
+    if isinstance(spec, TaskFamily):
+        return spec
+    if spec.startswith("mixture:"):
+        parts = [p.split("=") for p in spec[len("mixture:"):].split(",") if p]
+        try:
+            names, weights = [p[0] for p in parts], [float(p[1]) if len(p) > 1 else 1.0 for p in parts]
+        except ValueError:
+            raise ValueError(f"bad mixture {spec!r}; write it as mixture:quadratic=1,mlp=2") from None
+        return MixtureFamily([resolve_family(n, None, data_dir) for n in names], weights)
+    if spec in FAMILIES:
+        if spec in _NEEDS_DATA:
+            kwargs.setdefault("data_dir", data_dir)
+        return FAMILIES[spec](**kwargs)
+    if ":" not in spec:
+        raise ValueError(
+            f"unknown task family {spec!r}; built-in families: {sorted(FAMILIES)}, a mixture "
+            "'mixture:quadratic=1,mlp=1', or your own class as 'module.path:ClassName'"
+        )
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ImportError(
+            f"cannot import module {module_name!r} for task family {spec!r} ({err}); check the module "
+            "path and that its folder is on PYTHONPATH"
+        ) from None
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        raise ImportError(f"module {module_name!r} has no attribute {attr!r} (task family {spec!r})") from None
+    family = obj(**kwargs) if isinstance(obj, type) else obj
+    if not isinstance(family, TaskFamily):
+        raise TypeError(f"{spec} is not a learnedopt.training.TaskFamily (got {type(family).__name__})")
+    return family
