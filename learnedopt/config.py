@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,14 @@ FORMAT_VERSION = 1
 #: - ``momentum_rms``: for each ``beta`` in ``momentum_betas``, the bias-corrected running mean of
 #:   the gradient divided by the root of the running second moment, clipped (1 input per beta).
 FEATURES = {"grad_logsign": 2, "grad_rms": 1, "momentum_rms": None}
+
+
+#: Names an ``UpdateNetworks`` module already uses; a role cannot take them.
+_RESERVED_ROLES = frozenset({"config", "roles", "training"}) | frozenset(dir(__import__("torch").nn.Module))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class ConfigError(ValueError):
@@ -104,38 +113,51 @@ class UpdateNetworkConfig:
     # ------------------------------------------------------------------ validation / io
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first field that is unusable."""
-        if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
+        if not isinstance(self.format_version, int) or isinstance(self.format_version, bool):
+            raise ConfigError(f"config format_version must be an integer, got {self.format_version!r}")
+        if self.format_version > FORMAT_VERSION:
             raise ConfigError(
                 f"config format_version {self.format_version!r} is newer than this learnedopt "
                 f"understands (format {FORMAT_VERSION}); upgrade learnedopt: "
                 "pip install -U learnedopt"
             )
-        if not self.roles or not all(isinstance(r, str) and r for r in self.roles):
+        if not isinstance(self.roles, list) or not self.roles:
             raise ConfigError(f"config roles must be a non-empty list of names, got {self.roles!r}")
+        for role in self.roles:
+            if not isinstance(role, str) or not role.isidentifier():
+                raise ConfigError(f"config roles: {role!r} is not a Python identifier (use letters, digits, _)")
+            if role in _RESERVED_ROLES or role.startswith("_"):
+                raise ConfigError(f"config role name {role!r} is reserved; choose another name")
         if len(set(self.roles)) != len(self.roles):
             raise ConfigError(f"config roles must be distinct, got {self.roles!r}")
         for name in ("hidden_size", "num_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"config {name} must be a positive integer, got {value!r}")
-        if not self.features:
-            raise ConfigError("config features must name at least one input feature")
+        if not isinstance(self.features, list) or not self.features:
+            raise ConfigError(f"config features must be a non-empty list, got {self.features!r}")
         for name in self.features:
             if name not in FEATURES:
                 raise ConfigError(
                     f"unknown feature {name!r} in config features; known: {sorted(FEATURES)}"
                 )
+        if not isinstance(self.momentum_betas, list):
+            raise ConfigError(f"config momentum_betas must be a list, got {self.momentum_betas!r}")
         if "momentum_rms" in self.features and not self.momentum_betas:
             raise ConfigError("feature 'momentum_rms' needs at least one value in momentum_betas")
         for beta in [*self.momentum_betas, self.rms_beta]:
-            if not 0.0 <= float(beta) < 1.0:
-                raise ConfigError(f"config betas must lie in [0, 1), got {beta!r}")
-        if not self.preprocess_p > 0:
-            raise ConfigError(f"config preprocess_p must be positive, got {self.preprocess_p!r}")
-        if not self.output_scale > 0:
-            raise ConfigError(f"config output_scale must be positive, got {self.output_scale!r}")
-        if self.update_clip is not None and not self.update_clip > 0:
-            raise ConfigError(f"config update_clip must be positive or null, got {self.update_clip!r}")
+            if not _is_number(beta) or not 0.0 <= beta < 1.0:
+                raise ConfigError(f"config betas (momentum_betas, rms_beta) must lie in [0, 1), got {beta!r}")
+        for name in ("preprocess_p", "output_scale", "feature_clip", "rms_eps"):
+            value = getattr(self, name)
+            if not _is_number(value) or not value > 0:
+                raise ConfigError(f"config {name} must be a positive number, got {value!r}")
+        if self.update_clip is not None and (not _is_number(self.update_clip) or not self.update_clip > 0):
+            raise ConfigError(f"config update_clip must be a positive number or null, got {self.update_clip!r}")
+        if not isinstance(self.training, dict):
+            raise ConfigError(f"config training must be an object, got {self.training!r}")
+        if not isinstance(self.description, str) or not isinstance(self.library_version, str):
+            raise ConfigError("config description and library_version must be strings")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,7 +167,7 @@ class UpdateNetworkConfig:
         """Build a config from parsed JSON, refusing unknown fields and newer formats."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        version = data.get("format_version", FORMAT_VERSION)
+        version = data.get("format_version", FORMAT_VERSION)  # checked before unknown fields
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise ConfigError(
                 f"{source} has format_version {version}, newer than this learnedopt understands "

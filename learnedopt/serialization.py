@@ -41,6 +41,13 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MODEL_CARD_NAME = "README.md"
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once at import: os.umask is process-wide and not thread-safe
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -185,12 +192,22 @@ def load_from_hub(
         raise ImportError("loading from the Hub needs huggingface_hub: pip install huggingface_hub") from None
 
     where = f"{repo_id!r} (revision {revision or 'main'})"
-    paths = {}
+    filename = CONFIG_NAME
     try:
-        for filename in (CONFIG_NAME, WEIGHTS_NAME):
-            paths[filename] = hf_hub_download(
-                repo_id, filename, revision=revision, cache_dir=cache_dir, token=token
-            )
+        config_path = Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir, token=token))
+        # the snapshot folder is named by the commit hash: fetch the weights of that very commit,
+        # even if the branch moves in between
+        commit = config_path.parent.name
+        filename = WEIGHTS_NAME
+        hf_hub_download(repo_id, WEIGHTS_NAME, revision=commit, cache_dir=cache_dir, token=token)
+    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: test it first
+        offline = hf_constants.HF_HUB_OFFLINE
+        raise HubError(
+            f"could not get {filename} of {where} from the Hugging Face Hub "
+            f"({hf_constants.ENDPOINT}){' because HF_HUB_OFFLINE is set' if offline else ''}, and it "
+            "is not in the local cache. Check your network connection (or HF_ENDPOINT), download it "
+            "once while online and then use HF_HUB_OFFLINE=1, or pass a local directory path."
+        ) from None
     except RevisionNotFoundError:
         raise HubError(f"revision {revision!r} not found in Hub repo {repo_id!r}") from None
     except RepositoryNotFoundError:
@@ -199,15 +216,7 @@ def load_from_hub(
         ) from None
     except EntryNotFoundError:
         raise HubError(f"Hub repo {where} has no {filename}; is it a learnedopt optimizer?") from None
-    except LocalEntryNotFoundError:
-        offline = hf_constants.HF_HUB_OFFLINE
-        raise HubError(
-            f"could not get {filename} of {where} from the Hugging Face Hub "
-            f"({hf_constants.ENDPOINT}){' because HF_HUB_OFFLINE is set' if offline else ''}, and it "
-            "is not in the local cache. Check your network connection (or HF_ENDPOINT), download it "
-            "once while online and then use HF_HUB_OFFLINE=1, or pass a local directory path."
-        ) from None
-    return load_from_directory(Path(paths[CONFIG_NAME]).parent)
+    return load_from_directory(config_path.parent)
 
 
 # ---------------------------------------------------------------------- saving
@@ -217,9 +226,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; published weights are readable
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; published weights are readable
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
