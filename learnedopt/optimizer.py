@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from itertools import chain
 from pathlib import Path
@@ -88,10 +89,30 @@ class LSTMOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; it is validated completely before anything is added."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         _check_hyperparameters(
             lr=param_group.get("lr", 0.0), weight_decay=param_group.get("weight_decay", 0.0)
         )
-        role = param_group.get("role")
+        params = param_group.get("params")
+        if isinstance(params, Tensor):
+            params = [params]
+        elif params is not None and not isinstance(params, set):  # torch rejects sets itself
+            params = list(params)
+        if isinstance(params, list):
+            if len({id(p) for p in params}) != len(params):
+                raise ValueError(
+                    "a parameter group lists the same parameter more than once; list each parameter "
+                    "once (it would otherwise be updated twice per step)"
+                )
+            for p in params:
+                if isinstance(p, Tensor) and not (p.is_floating_point() or p.is_complex()):
+                    raise TypeError(
+                        f"LSTMOptimizer can only optimize floating-point or complex tensors, got {p.dtype}"
+                    )
+            param_group = {**param_group, "params": params}
+        role = param_group.get("role", self.defaults.get("role"))
         if role is not None:
             if not isinstance(role, str):
                 raise TypeError(f"param group 'role' must be a string or None, got {role!r}")
@@ -101,14 +122,11 @@ class LSTMOptimizer(Optimizer):
                     f"Invalid role: {role!r}; these update networks have roles {roles}. "
                     "Use one of them, or load a pretrained optimizer that has this role."
                 )
+        if isinstance(params, list):  # fail at construction, not at the first step
+            for p in params:
+                if isinstance(p, Tensor):
+                    self.networks.resolve_role(role, p)
         super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            if not (p.is_floating_point() or p.is_complex()):
-                raise TypeError(
-                    f"LSTMOptimizer can only optimize floating-point or complex tensors, got {p.dtype}"
-                )
-            # fail at construction, not at the first step, when a shape has no network
-            self.networks.resolve_role(self.param_groups[-1].get("role"), p)
 
     # ------------------------------------------------------------------ step
     def _collect(self) -> tuple[list[Tensor], list[Tensor], list[dict[str, Tensor]], list[str], list, list]:
@@ -189,23 +207,39 @@ class LSTMOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The optimizer state plus the update networks' architecture and weights.
 
-        Loadable with ``torch.load(..., weights_only=True)``.
+        Loadable with ``torch.load(..., weights_only=True)``. State-dict post-hooks see the
+        complete dict, networks included.
         """
-        sd = super().state_dict()
+        hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        try:
+            sd = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = hooks
         sd["update_networks"] = {
             "architecture": self.networks.config.architecture(),
             "weights": {k: v.detach().clone() for k, v in self.networks.state_dict().items()},
         }
+        for hook in hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore per-coordinate LSTM states and the update networks' weights.
+
+        Post-hooks run once everything (weights, state) is loaded.
 
         Raises:
             ValueError: if the state dict was saved with update networks of another architecture
                 (roles, hidden size, features...).
         """
         state_dict = dict(state_dict)  # never mutate the caller's dict
+        for pre_hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = dict(result)
         saved_nets = state_dict.pop("update_networks", None)
         if saved_nets is not None:
             mine = self.networks.config.architecture()
@@ -217,7 +251,12 @@ class LSTMOptimizer(Optimizer):
                     "cannot load an optimizer state saved with other update networks "
                     f"({shown}); construct LSTMOptimizer with the same pretrained networks first"
                 )
-        super().load_state_dict(state_dict)
+        pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = OrderedDict(), OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
         if saved_nets is not None:
             self.networks.load_state_dict(saved_nets["weights"])
         # torch casts floating state to the parameter's dtype; state is kept in float32 for
@@ -232,6 +271,8 @@ class LSTMOptimizer(Optimizer):
             for key in _STATE_KEYS:
                 if key in saved:
                     self.state[p][key] = saved[key].to(dtype=dtype, device=p.device, copy=True)
+        for post_hook in list(post.values()):
+            post_hook(self)
 
 
 def _check_hyperparameters(*, lr: Any, weight_decay: Any) -> None:
