@@ -13,6 +13,8 @@ Two implementations compute the same update:
 
 - ``"batched"`` (default): per role, every coordinate of every tensor goes through one LSTM call
   (in chunks when no gradient is needed, to bound the memory of temporaries);
+- ``"compiled"``: the batched path with the per-chunk step compiled by ``torch.compile``
+  (elementwise gate math fused into a few kernels; the first call compiles, taking seconds);
 - ``"reference"``: one tensor at a time, with the textbook LSTM cell. Slow; the parity reference.
 """
 
@@ -29,7 +31,7 @@ from .network import UpdateNetwork, UpdateNetworks
 
 __all__ = ["init_state", "compute_features", "lstm_update", "IMPLEMENTATIONS"]
 
-IMPLEMENTATIONS = ("batched", "reference")
+IMPLEMENTATIONS = ("batched", "compiled", "reference")
 
 #: Coordinates per chunk in the no-grad batched path: large enough for efficient matmuls, small
 #: enough that the gate temporaries (about 200 floats per coordinate) stay within a few MB.
@@ -158,7 +160,7 @@ def lstm_update(
         lr: Multiplies the learned update (and the weight decay); a float or one per tensor.
         weight_decay: Decoupled weight decay, ``p <- p - lr * weight_decay * p``; one or per tensor.
         maximize: Ascend instead of descend (the gradient's sign is flipped before the network).
-        impl: ``"batched"`` or ``"reference"``; they compute the same result.
+        impl: ``"batched"``, ``"compiled"`` or ``"reference"``; they compute the same result.
 
     Returns:
         ``(deltas, new_states)``: add ``deltas[i]`` to ``params[i]``; ``new_states[i]`` replaces
@@ -200,7 +202,8 @@ def lstm_update(
             by_role.setdefault(role, []).append(i)
         for role, idx in by_role.items():
             outs, lstms, moms = _batched_role_step(
-                networks.network(role), config, [flat_grads[i] for i in idx], [states[i] for i in idx]
+                networks.network(role), config, [flat_grads[i] for i in idx], [states[i] for i in idx],
+                compiled=impl == "compiled",
             )
             for j, i in enumerate(idx):
                 directions[i] = outs[j]
@@ -223,11 +226,23 @@ def _pack(lstm: Tensor, moments: Tensor | None) -> State:
     return state
 
 
+_COMPILED = None
+
+
+def _compiled_coordinate_step():
+    """``_coordinate_step`` under ``torch.compile`` (created on first use; shapes are dynamic)."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_coordinate_step, dynamic=True)
+    return _COMPILED
+
+
 def _batched_role_step(
     net: UpdateNetwork,
     config: UpdateNetworkConfig,
     grads: list[Tensor],
     states: list[State],
+    compiled: bool = False,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
     """All coordinates of one role in one LSTM call (chunked when no gradient is needed)."""
     sizes = [g.numel() for g in grads]
@@ -238,19 +253,20 @@ def _batched_role_step(
     if has_moments:
         moments = torch.cat([s["moments"] for s in states]) if len(states) > 1 else states[0]["moments"]
 
+    step = _compiled_coordinate_step() if compiled else _coordinate_step
     needs_grad = torch.is_grad_enabled() and (
         g.requires_grad or any(p.requires_grad for p in net.parameters()) or lstm.requires_grad
     )
     total = g.numel()
     if needs_grad or total <= CHUNK_SIZE:
-        out, new_lstm, new_moments = _coordinate_step(net, config, g, lstm, moments, reference=False)
+        out, new_lstm, new_moments = step(net, config, g, lstm, moments, reference=False)
     else:
         out = torch.empty_like(g)
         new_lstm = torch.empty_like(lstm)
         new_moments = torch.empty_like(moments) if moments is not None else None
         for start in range(0, total, CHUNK_SIZE):
             stop = min(start + CHUNK_SIZE, total)
-            o, l, m = _coordinate_step(
+            o, l, m = step(
                 net, config, g[start:stop], lstm[start:stop],
                 moments[start:stop] if moments is not None else None, reference=False,
             )

@@ -283,7 +283,7 @@ def test_lstm_update_does_not_modify_inputs(make_networks):
     [
         (1, 2, 2, {}, "params, grads, states and roles must have the same length, got 2, 1, 2, 2"),
         (2, 2, 3, {}, "params, grads, states and roles must have the same length, got 2, 2, 2, 3"),
-        (2, 2, 2, {"impl": "fast"}, "impl must be one of ('batched', 'reference'), got 'fast'"),
+        (2, 2, 2, {"impl": "fast"}, "impl must be one of ('batched', 'compiled', 'reference'), got 'fast'"),
         (2, 2, 2, {"lr": [1.0]}, "lr has 1 entries but there are 2 parameters"),
         (2, 2, 2, {"weight_decay": [0.1, 0.1, 0.1]}, "weight_decay has 3 entries but there are 2 parameters"),
     ],
@@ -405,3 +405,42 @@ def test_rms_features_match_formula():
     torch.testing.assert_close(features, expected, rtol=1e-12, atol=0)
     assert features[1].tolist() == [-10.0, -10.0, 10.0]  # clipped
     torch.testing.assert_close(features[0], torch.tensor([1.5, 0.5, 1.0], dtype=torch.float64), rtol=1e-7, atol=0)
+
+
+# ---------------------------------------------------------------------- compiled path
+def test_compiled_matches_reference_with_chunks(make_networks, monkeypatch):
+    """impl="compiled" (torch.compile of the per-chunk step) against the per-tensor reference."""
+    monkeypatch.setattr(functional, "CHUNK_SIZE", 40)  # several chunks of different sizes
+    networks = make_networks(("conv", "dense", "bias"), dtype=torch.float64)
+    params = {impl: [nn.Parameter(p) for p in make_tensors()] for impl in ("compiled", "reference")}
+    opts = {
+        impl: LSTMOptimizer(
+            [{"params": ps[:3], "lr": 0.7, "weight_decay": 0.1}, {"params": ps[3:], "lr": 0.0}],
+            networks=networks, impl=impl,
+        )
+        for impl, ps in params.items()
+    }
+    for t in range(3):
+        for impl, ps in params.items():
+            for i, p in enumerate(ps):
+                p.grad = None if i == (t + 1) % len(ps) else gradient(p.detach(), t, i)
+            with torch.no_grad():
+                opts[impl].step()
+    for pc, pr in zip(params["compiled"], params["reference"]):
+        assert_close_tight(pc.detach(), pr.detach())
+        for key in opts["reference"].state[pr]:
+            assert_close_tight(opts["compiled"].state[pc][key], opts["reference"].state[pr][key])
+
+
+def test_compiled_is_differentiable_like_batched(make_networks):
+    networks = make_networks(("dense",), dtype=torch.float64)
+    p = torch.randn(30, dtype=torch.float64)
+    g = torch.randn(30, dtype=torch.float64)
+    grads = {}
+    for impl in ("batched", "compiled"):
+        networks.zero_grad()
+        deltas, _ = lstm_update([p], [g], [init_state(g, networks.config)], networks, ["dense"], impl=impl)
+        deltas[0].pow(2).sum().backward()
+        grads[impl] = [w.grad.clone() for w in networks.parameters()]
+    for a, b in zip(grads["batched"], grads["compiled"]):
+        assert_close_tight(a, b)

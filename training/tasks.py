@@ -65,6 +65,15 @@ class Task:
         """Loss used to report progress; defaults to the loss at step 0's batch."""
         return self.loss(params, 0)
 
+    def losses(self, params: Sequence[Tensor], step: int) -> tuple[Tensor, Tensor]:
+        """``(loss the optimizee's gradient comes from, its term in the meta-loss)``.
+
+        The same tensor by default; batched tasks (:mod:`learnedopt.training.batched`) weight
+        their tasks differently in the meta-loss without changing each task's gradient.
+        """
+        loss = self.loss(params, step)
+        return loss, loss
+
     @property
     def roles(self) -> list[str | None]:
         return [None] * len(self.init_params())

@@ -95,6 +95,7 @@ class MetaTrainConfig:
         baselines: Baselines reported next to the learned optimizer.
         baseline_lrs: Learning-rate grid on which each baseline is tuned (best mean final loss).
         checkpoint_every: Outer steps between checkpoints.
+        impl: Implementation of the update (``"batched"``, ``"compiled"``: faster after compiling).
         networks: Keyword arguments of :class:`learnedopt.UpdateNetworkConfig`.
     """
 
@@ -117,6 +118,7 @@ class MetaTrainConfig:
     baselines: list[str] = field(default_factory=lambda: ["adam", "rmsprop", "sgd", "nag"])
     baseline_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0])
     checkpoint_every: int = 50
+    impl: str = "batched"
     networks: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -135,6 +137,8 @@ class MetaTrainConfig:
         if not self.meta_lr > 0 or not self.grad_clip > 0:
             raise ValueError("meta_lr and grad_clip must be positive")
         UpdateNetworkConfig(**self.networks)  # validates the network settings early
+        if self.impl not in ("batched", "compiled", "reference"):
+            raise ValueError(f"impl must be 'batched', 'compiled' or 'reference', got {self.impl!r}")
 
     def horizon_at(self, outer_step: int) -> int:
         """The horizon in force at ``outer_step`` (a multiple of ``unroll``)."""
@@ -167,6 +171,7 @@ def truncated_unroll(
     length: int,
     *,
     second_order: bool = False,
+    impl: str = "batched",
 ) -> tuple[Tensor, list[Tensor], list[dict[str, Tensor]]]:
     """Unroll ``length`` inner steps from step ``start``; return the summed loss along the way.
 
@@ -181,7 +186,7 @@ def truncated_unroll(
     params = [p if p.requires_grad else p.detach().requires_grad_() for p in params]
     meta_loss = params[0].new_zeros(())
     for k in range(length + 1):
-        loss = task.loss(params, start + k)
+        loss, meta_term = task.losses(params, start + k)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"task {task.name!r} returned a loss of shape {shape}; it must be a scalar tensor")
@@ -191,7 +196,7 @@ def truncated_unroll(
                 "differentiably (no grad_fn); compute it from the `params` passed to loss()"
             )
         if k > 0:
-            meta_loss = meta_loss + loss
+            meta_loss = meta_loss + meta_term
         if k == length:
             break
         grads = torch.autograd.grad(loss, params, create_graph=second_order, retain_graph=True, allow_unused=True)
@@ -200,7 +205,7 @@ def truncated_unroll(
             grads = [g.detach() for g in grads]
         if states is None:
             states = [init_state(g, networks.config) for g in grads]
-        deltas, states = lstm_update(params, grads, states, networks, roles)
+        deltas, states = lstm_update(params, grads, states, networks, roles, impl=impl)
         params = [p + d for p, d in zip(params, deltas)]
     return meta_loss, params, list(states)
 
@@ -563,7 +568,7 @@ class MetaTrainer:
         for slot in self.slots:
             loss, params, states = truncated_unroll(
                 self.networks, slot.task, slot.params, slot.states, slot.roles, slot.step, config.unroll,
-                second_order=config.second_order,
+                second_order=config.second_order, impl=config.impl,
             )
             loss = loss / (slot.scale * config.unroll * config.meta_batch)
             if not torch.isfinite(loss):
@@ -612,6 +617,9 @@ class MetaTrainer:
 
 
 def _config_diff(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    # outer_steps may grow on resume (continue training for longer)
+    # outer_steps may grow on resume (continue training for longer); settings added to
+    # MetaTrainConfig after the checkpoint was written count at their defaults
+    defaults = MetaTrainConfig().to_dict()
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     keys = (set(saved) | set(now)) - {"outer_steps"}
     return {k: (saved.get(k), now.get(k)) for k in sorted(keys) if saved.get(k) != now.get(k)}
