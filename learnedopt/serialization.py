@@ -220,16 +220,26 @@ def load_from_hub(
 
 
 # ---------------------------------------------------------------------- saving
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via a temporary file in the same folder, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def atomic_write(files: dict[Path, Any]) -> None:
+    """Write each file to a temporary name in its folder, then rename them all into place.
+
+    Nothing is renamed until every file is completely written, so an interruption leaves either
+    the previous files or (at worst, between two renames) a mix of complete files, never a
+    half-written one.
+    """
+    staged: dict[Path, str] = {}
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; published weights are readable
-        os.replace(tmp, path)
+        for path, write in files.items():
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            staged[path] = tmp
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; published weights are readable
+        for path, tmp in staged.items():
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp in staged.values():
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -263,7 +273,7 @@ def default_model_card(config: UpdateNetworkConfig) -> str:
 
 
 def save_networks(networks: UpdateNetworks, directory: str | Path, *, model_card: str | None = None) -> Path:
-    """Write the pretrained directory (see module docstring); each file written atomically."""
+    """Write the pretrained directory (see module docstring): all files staged, then renamed."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -274,10 +284,12 @@ def save_networks(networks: UpdateNetworks, directory: str | Path, *, model_card
     bad = sorted(k for k, v in weights.items() if not torch.isfinite(v).all())
     if bad:
         raise WeightsError(f"refusing to save non-finite weights ({bad}) to {directory}")
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config.to_json()))
     card = model_card if model_card is not None else default_model_card(config)
-    _atomic_write(directory / MODEL_CARD_NAME, lambda tmp: Path(tmp).write_text(card))
+    atomic_write({
+        directory / WEIGHTS_NAME: lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}),
+        directory / CONFIG_NAME: lambda tmp: Path(tmp).write_text(config.to_json()),
+        directory / MODEL_CARD_NAME: lambda tmp: Path(tmp).write_text(card),
+    })
     return directory
 
 

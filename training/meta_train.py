@@ -31,10 +31,13 @@ from typing import Any
 
 import torch
 
-from learnedopt import LSTMOptimizer, UpdateNetworks
+from learnedopt import UpdateNetworks
 
 from .tasks import MixtureFamily, TaskFamily, resolve_family
-from .trainer import DONE_NAME, EVAL_NAME, LOG_NAME, MetaTrainConfig, MetaTrainer, evaluate, truncated_unroll
+from .trainer import (
+    DONE_NAME, EVAL_NAME, LOG_NAME, MetaTrainConfig, MetaTrainer, _atomic_text, evaluate, lstm_optimizer_for,
+    truncated_unroll,
+)
 
 __all__ = ["meta_train", "compare_with_adam", "main", "MetaTrainConfig", "truncated_unroll", "evaluate"]
 
@@ -55,12 +58,7 @@ def compare_with_adam(
         lstm, adam, wins = [], [], 0
         for _ in range(tasks_per_family):
             task = family.sample(generator)
-            roles = task.roles
-
-            def make_lstm(params, roles=roles):
-                return LSTMOptimizer([{"params": [p], "role": r} for p, r in zip(params, roles)], networks=networks)
-
-            lstm.append(evaluate(task, make_lstm, steps)[-1])
+            lstm.append(evaluate(task, lstm_optimizer_for(networks, task), steps)[-1])
             adam.append(evaluate(task, lambda ps: torch.optim.Adam(ps, lr=adam_lr), steps)[-1])
             wins += lstm[-1] < adam[-1]
         results[name] = {
@@ -141,7 +139,7 @@ def meta_train(
     }
     eval_record = {"validation": validation, "lstm_curve": trainer.last_eval.get("lstm"),
                    "baseline_curves": {k: v["curve"] for k, v in trainer.baselines.items()}}
-    (out / EVAL_NAME).write_text(json.dumps(eval_record, indent=2) + "\n")
+    _atomic_text(out / EVAL_NAME, json.dumps(eval_record, indent=2) + "\n")
     networks.save_pretrained(out, model_card=_model_card(name, description, command, config, results, validation, wall, machine))
     _plot(out)
     (out / DONE_NAME).write_text(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")

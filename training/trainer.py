@@ -22,7 +22,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import torch
 from torch import Tensor
 
 from learnedopt import LSTMOptimizer, UpdateNetworkConfig, UpdateNetworks, init_state, lstm_update
+from learnedopt.serialization import atomic_write
 
 from .tasks import Task, TaskFamily, resolve_family
 
@@ -253,11 +253,17 @@ def _mean_curve(curves: list[list[float]]) -> list[float]:
     return [sum(c[t] for c in curves) / len(curves) for t in range(len(curves[0]))]
 
 
-def learned_curves(networks: UpdateNetworks, tasks: Sequence[Task], steps: int) -> list[list[float]]:
-    def make(params, task):
+def lstm_optimizer_for(networks: UpdateNetworks, task: Task) -> Callable[[list[Tensor]], LSTMOptimizer]:
+    """A factory making an ``LSTMOptimizer`` over a task's parameters, each with the task's role."""
+
+    def make(params: list[Tensor]) -> LSTMOptimizer:
         return LSTMOptimizer([{"params": [p], "role": r} for p, r in zip(params, task.roles)], networks=networks)
 
-    return [evaluate(t, lambda ps, t=t: make(ps, t), steps) for t in tasks]
+    return make
+
+
+def learned_curves(networks: UpdateNetworks, tasks: Sequence[Task], steps: int) -> list[list[float]]:
+    return [evaluate(t, lstm_optimizer_for(networks, t), steps) for t in tasks]
 
 
 # ---------------------------------------------------------------------- distributed helpers
@@ -307,21 +313,11 @@ class _Slot:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write({path: lambda tmp: torch.save(obj, tmp)})
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write({path: lambda tmp: Path(tmp).write_text(text)})
 
 
 class MetaTrainer:
