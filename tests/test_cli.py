@@ -61,7 +61,7 @@ def test_main_job_trains_and_beats_adam_on_its_small_run(capsys: pytest.CaptureF
     assert [r[0] for r in rows] == ["0", "30", "60"]
     lstm_final, adam_final = float(rows[-1][1]), float(rows[-1][2])
     assert float(rows[0][1]) == float(rows[0][2])  # same model, same start
-    assert lstm_final < float(rows[0][1])
+    assert lstm_final < adam_final < float(rows[0][1])
 
 
 def test_main_job_plot(tmp_path: Path) -> None:

@@ -110,9 +110,8 @@ def meta_train(
     config = MetaTrainConfig(task_family=family_spec, **settings)
     family = task_family if isinstance(task_family, TaskFamily) else None
     trainer = MetaTrainer(config, out, family=family, resume=resume, overwrite=overwrite, progress=progress)
-    started = time.time()
     networks = trainer.run()
-    wall = time.time() - started
+    wall = trainer.wall_s
     if trainer.dist.rank != 0:
         return networks
     out = Path(out)

@@ -416,6 +416,7 @@ class MetaTrainer:
             "best": {"score": self.best_score, "step": self.best_step},
             "best_networks": self.best_weights,
             "baselines": json.dumps(self.baselines),
+            "wall_s": self.wall_s + (time.time() - self._session_start),
         }
 
     def _gather_slots(self) -> list[dict[str, Any]]:
@@ -447,6 +448,7 @@ class MetaTrainer:
         self.best_step = saved["best"]["step"]
         self.best_weights = saved["best_networks"]
         self.baselines = json.loads(saved["baselines"])
+        self.wall_s = float(saved.get("wall_s", 0.0))
         by_index = {s["index"]: s for s in saved["slots"]}
         for slot in self.slots:
             data = by_index[slot.index]
@@ -512,6 +514,7 @@ class MetaTrainer:
         self.best_score, self.best_step, self.best_weights = math.inf, -1, None
         self.val_tasks = self._validation_tasks()
         self.last_eval: dict[str, Any] = {}
+        self.wall_s, self._session_start = 0.0, time.time()
         if self.resume_from is not None:
             start = self._restore(self.resume_from)
             self._truncate_log(start)
@@ -552,6 +555,7 @@ class MetaTrainer:
             self.last_eval = {"outer_step": self.best_step}
         if self.best_weights is not None:
             self.networks.load_state_dict(self.best_weights)
+        self.wall_s += time.time() - self._session_start  # over all sessions of a resumed run
         return self.networks
 
     def _outer_step(self, outer: int, started: float) -> None:
