@@ -432,3 +432,31 @@ def test_role_names_that_clash_with_module_attributes(role: str) -> None:
     """Fails today: ``nn.Module.add_module`` raises ``KeyError: attribute 'to' already exists``."""
     with pytest.raises(ValueError, match=repr(role)):
         UpdateNetworks(UpdateNetworkConfig(roles=["dense", role]))
+
+
+def test_push_to_hub_uploads_a_complete_pretrained_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls["create"] = (repo_id, private, exist_ok)
+
+        def upload_folder(self, repo_id, folder_path, commit_message, revision=None):
+            calls["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+            calls["loaded"] = UpdateNetworks.from_pretrained(folder_path)
+            calls["upload"] = (repo_id, commit_message, revision)
+            return "commit-url"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    torch.manual_seed(0)
+    nets = UpdateNetworks(UpdateNetworkConfig(roles=["conv", "dense"]))
+    assert nets.push_to_hub("user/my-opt", token="t", private=True) == "commit-url"
+    assert calls["create"] == ("user/my-opt", True, True) and calls["token"] == "t"
+    assert calls["files"] == ["README.md", "config.json", "model.safetensors"]
+    for a, b in zip(nets.state_dict().values(), calls["loaded"].state_dict().values()):
+        assert torch.equal(a, b)

@@ -114,3 +114,51 @@ def test_fashion_mnist_mlp_task_is_the_papers_setup() -> None:
     assert shapes == [(20, 784), (20,), (10, 20), (10,)]
     assert task.batch(0)[0].shape == (128, 784)
     assert abs(float(task.eval_loss(task.init_params())) - 2.3) < 0.3
+
+
+def test_download_failure_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(FileNotFoundError, match="could not download .*copy the four Fashion-MNIST"):
+        load_fashion_mnist("train", str(tmp_path), True)
+    assert not list((tmp_path / "fashion-mnist").iterdir())  # nothing half-written
+
+
+def test_conv_family_trains_conv_and_dense_networks_together() -> None:
+    from learnedopt.training import ConvFamily
+
+    torch.manual_seed(0)
+    nets = UpdateNetworks(UpdateNetworkConfig(roles=["conv", "dense"], hidden_size=6))
+    task = ConvFamily("synthetic", image_size=8, channels=(4,)).sample(torch.Generator().manual_seed(0))
+    params = task.init_params()
+    roles = [nets.resolve_role(None, p) for p in params]
+    assert roles == ["conv", "dense", "conv", "dense", "dense", "dense"]
+    loss, _, _ = truncated_unroll(nets, task, params, None, roles, 0, 3)
+    loss.backward()
+    for role in ("conv", "dense"):
+        assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in getattr(nets, role).parameters()), role
+
+
+def test_horizon_curriculum_doubles_up_to_the_horizon() -> None:
+    config = MetaTrainConfig(horizon=100, unroll=20, curriculum_start=20, curriculum_every=10)
+    assert [config.horizon_at(s) for s in (0, 9, 10, 20, 30, 1000)] == [20, 20, 40, 80, 100, 100]
+    assert MetaTrainConfig(horizon=100, unroll=20).horizon_at(0) == 100
+
+
+def test_second_order_meta_gradient_differs_and_is_finite() -> None:
+    torch.manual_seed(0)
+    nets = UpdateNetworks(UpdateNetworkConfig(roles=["dense"], hidden_size=6)).double()
+    task = QuadraticFamily().sample(torch.Generator().manual_seed(1))
+    task.w, task.y, task.theta0 = task.w.double(), task.y.double(), task.theta0.double()
+    grads = {}
+    for order in (False, True):
+        nets.zero_grad()
+        loss, _, _ = truncated_unroll(nets, task, task.init_params(), None, ["dense"], 0, 4, second_order=order)
+        loss.backward()
+        grads[order] = torch.cat([w.grad.reshape(-1) for w in nets.parameters()])
+    assert torch.isfinite(grads[True]).all()
+    assert not torch.allclose(grads[False], grads[True])

@@ -202,6 +202,7 @@ class MLPFamily(TaskFamily):
         data_dir: Folder holding ``fashion-mnist/`` (see :func:`learnedopt.training.data.data_dir`).
         synthetic_dims: Choices of input dimension for generated data.
         eval_examples: Examples of the training set used by ``eval_loss``.
+        download: Fetch Fashion-MNIST if it is missing (needs internet).
     """
 
     dataset: str = "fashion_mnist"
@@ -211,6 +212,7 @@ class MLPFamily(TaskFamily):
     data_dir: str | None = None
     synthetic_dims: Sequence[int] = (16, 32, 64)
     eval_examples: int = 4096
+    download: bool = False
     name: str = "mlp"
 
     def __post_init__(self) -> None:
@@ -229,7 +231,7 @@ class MLPFamily(TaskFamily):
         batch_size = self._choice(self.batch_sizes, generator)
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
         if self.dataset == "fashion_mnist":
-            x, y = load_fashion_mnist("train", self.data_dir)
+            x, y = load_fashion_mnist("train", self.data_dir, self.download)
             dim, classes = 784, 10
         else:
             dim = self._choice(self.synthetic_dims, generator)
@@ -269,8 +271,8 @@ class MixtureFamily(TaskFamily):
 
 # ---------------------------------------------------------------------- tasks from nn.Modules
 @lru_cache(maxsize=4)
-def _pooled_fashion_mnist(size: int, data_dir: str | None) -> tuple[Tensor, Tensor]:
-    x, y = load_fashion_mnist("train", data_dir)
+def _pooled_fashion_mnist(size: int, data_dir: str | None, download: bool = False) -> tuple[Tensor, Tensor]:
+    x, y = load_fashion_mnist("train", data_dir, download)
     return F.adaptive_avg_pool2d(x.view(-1, 1, 28, 28), size), y
 
 
@@ -333,6 +335,7 @@ class ConvFamily(TaskFamily):
     batch_sizes: Sequence[int] = (64,)
     data_dir: str | None = None
     eval_examples: int = 1024
+    download: bool = False
     name: str = "conv"
 
     def sample(self, generator: torch.Generator) -> ModuleTask:
@@ -340,7 +343,7 @@ class ConvFamily(TaskFamily):
         batch_size = self.batch_sizes[int(torch.randint(len(self.batch_sizes), (1,), generator=generator))]
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
         if self.dataset == "fashion_mnist":
-            x, y = _pooled_fashion_mnist(self.image_size, self.data_dir)
+            x, y = _pooled_fashion_mnist(self.image_size, self.data_dir, self.download)
         else:
             x = torch.randn(2048, 1, self.image_size, self.image_size, generator=generator)
             y = (x.mean(dim=(1, 2, 3)) * 4 + torch.randn(2048, generator=generator)).clamp(-2, 1.99).add(2).mul(2.5).long()
