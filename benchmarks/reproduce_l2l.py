@@ -1,0 +1,164 @@
+"""Reproduce the L2L paper's comparisons (Andrychowicz et al. 2016, Figure 4 protocol).
+
+For each problem setting, ``--problems`` fresh problems are sampled (seed 2024, never used in
+meta-training); SGD, NAG (momentum 0.9), RMSprop and Adam each get the learning rate, from a log
+grid, with the best mean final loss at the evaluated horizon; the learned optimizer runs with its
+shipped weights and no tuning. Curves are the mean (and standard deviation) over problems of the
+full-data training loss.
+
+Usage::
+
+    python benchmarks/reproduce_l2l.py --suite quadratic --problems 20 --out docs/results
+    python benchmarks/reproduce_l2l.py --suite mlp --data-dir ../shared/data --out docs/results
+    python benchmarks/reproduce_l2l.py --suite generalization --data-dir ../shared/data --out docs/results
+
+Each suite writes ``<out>/<suite>.json``, ``<out>/<suite>.md`` (the table) and ``<out>/<suite>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from learnedopt import UpdateNetworks
+from learnedopt.training.tasks import MLPFamily, QuadraticFamily, TaskFamily
+from learnedopt.training.trainer import BASELINES, evaluate, lstm_optimizer_for
+
+LR_GRID = [10 ** (k / 2) for k in range(-8, 3)]  # 1e-4 ... 10, half-decades
+
+
+def curves_for(make, tasks, steps):
+    return [evaluate(t, make(t), steps) for t in tasks]
+
+
+def summarize(curves: list[list[float]], at: list[int]) -> dict:
+    finite = [c for c in curves if all(math.isfinite(v) for v in c)]
+    out = {"diverged": len(curves) - len(finite)}
+    for t in at:
+        values = [c[t] if math.isfinite(c[t]) else math.inf for c in curves]
+        out[f"mean@{t}"] = statistics.fmean(values)
+        out[f"std@{t}"] = statistics.pstdev(values) if all(math.isfinite(v) for v in values) else math.inf
+    n = len(curves[0])
+    out["mean_curve"] = [statistics.fmean(c[i] for c in curves) for i in range(n)]
+    out["std_curve"] = [statistics.pstdev([c[i] for c in curves]) for i in range(n)]
+    return out
+
+
+def run_setting(name: str, family: TaskFamily, networks: UpdateNetworks, problems: int, steps: int,
+                tune_at: int, report_at: list[int]) -> dict:
+    generator = torch.Generator().manual_seed(2024)
+    tasks = [family.sample(generator) for _ in range(problems)]
+    result = {"setting": name, "problems": problems, "steps": steps, "tuned_at": tune_at, "report_at": report_at,
+              "optimizers": {}}
+    started = time.time()
+    lstm = curves_for(lambda t: lstm_optimizer_for(networks, t), tasks, steps)
+    result["optimizers"]["LSTM"] = {"lr": None, **summarize(lstm, report_at)}
+    for baseline in ("sgd", "nag", "rmsprop", "adam"):
+        best = None
+        for lr in LR_GRID:
+            curves = curves_for(lambda t, lr=lr: (lambda ps: BASELINES[baseline](ps, lr)), tasks, steps)
+            finals = [c[tune_at] if math.isfinite(c[tune_at]) else math.inf for c in curves]
+            score = statistics.fmean(finals)
+            if best is None or score < best[0]:
+                best = (score, lr, curves)
+        result["optimizers"][baseline] = {"lr": best[1], **summarize(best[2], report_at)}
+    result["wall_s"] = round(time.time() - started, 1)
+    print(f"{name}: {result['wall_s']} s", flush=True)
+    return result
+
+
+def table(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        report_at = r["report_at"]
+        lines.append(f"**{r['setting']}** ({r['problems']} problems; baselines' lr tuned for step {r['tuned_at']})\n")
+        head = "| optimizer | lr | " + " | ".join(f"loss at step {t} (mean ± std)" for t in report_at) + " | diverged |"
+        lines += [head, "|" + " --- |" * (len(report_at) + 3)]
+        best_baseline = {t: min(v[f"mean@{t}"] for k, v in r["optimizers"].items() if k != "LSTM") for t in report_at}
+        for k, v in r["optimizers"].items():
+            cells = []
+            for t in report_at:
+                cell = f"{v[f'mean@{t}']:.4f} ± {v[f'std@{t}']:.4f}"
+                if k == "LSTM":
+                    cell += " (best)" if v[f"mean@{t}"] < best_baseline[t] else ""
+                cells.append(cell)
+            lr = "-" if v["lr"] is None else f"{v['lr']:.3g}"
+            lines.append(f"| {k} | {lr} | " + " | ".join(cells) + f" | {v['diverged']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        for k, v in r["optimizers"].items():
+            mean, std = v["mean_curve"], v["std_curve"]
+            xs = range(len(mean))
+            label = k if v["lr"] is None else f"{k} (lr {v['lr']:.3g})"
+            ax.plot(xs, mean, label=label, lw=2 if k == "LSTM" else 1)
+            ax.fill_between(xs, [max(m - s, 1e-8) for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.12)
+        ax.set_yscale("log")
+        ax.set_title(r["setting"])
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (mean ± std over problems)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--suite", choices=["quadratic", "mlp", "generalization"], required=True)
+    parser.add_argument("--problems", type=int, default=20)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--pretrained", default=None, help="default: l2l-quadratic / l2l-mlp")
+    parser.add_argument("--out", default="docs/results")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.suite == "quadratic":
+        nets = UpdateNetworks.from_pretrained(args.pretrained or "l2l-quadratic")
+        settings = [("quadratic 10-d, 100 steps", QuadraticFamily(), 100, 100, [100])]
+    elif args.suite == "mlp":
+        nets = UpdateNetworks.from_pretrained(args.pretrained or "l2l-mlp")
+        base = MLPFamily("fashion_mnist", data_dir=args.data_dir)
+        settings = [("MLP 20 sigmoid, Fashion-MNIST, 200 steps (trained on 100)", base, 200, 100, [100, 200])]
+    else:
+        nets = UpdateNetworks.from_pretrained(args.pretrained or "l2l-mlp")
+        def mlp(**kw):
+            return MLPFamily("fashion_mnist", data_dir=args.data_dir, **kw)
+        settings = [
+            ("40 hidden units", mlp(hidden=((40,),)), 100, 100, [100]),
+            ("2 hidden layers", mlp(hidden=((20, 20),)), 100, 100, [100]),
+            ("ReLU", mlp(activations=("relu",)), 100, 100, [100]),
+            ("1000 steps", mlp(), 1000, 1000, [100, 1000]),
+        ]
+    results = [run_setting(name, fam, nets, args.problems, steps, tune_at, at) for name, fam, steps, tune_at, at in settings]
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    md = [f"Generated by `python benchmarks/reproduce_l2l.py --suite {args.suite} --problems {args.problems}` "
+          f"on {machine}.\n", table(results)]
+    (out / f"{args.suite}.md").write_text("\n".join(md))
+    (out / f"{args.suite}.json").write_text(json.dumps({"machine": machine, "results": results}, indent=1))
+    plot(results, out / f"{args.suite}.png")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
