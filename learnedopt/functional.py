@@ -45,18 +45,22 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
-def init_state(grad: Tensor, config: UpdateNetworkConfig) -> State:
+def init_state(grad: Tensor, config: UpdateNetworkConfig, lstm_dtype: torch.dtype | None = None) -> State:
     """Fresh state for a tensor whose first gradient is ``grad``.
 
-    The LSTM state starts at zero. The running moments start at the first gradient (means) and
-    its square (second moment), so that no bias correction is needed; non-finite entries start at 0.
+    The LSTM state starts at zero, stored in ``lstm_dtype`` (default: float32, or float64 for
+    float64 parameters; ``torch.bfloat16`` halves its memory while the math stays in float32).
+    The running moments start at the first gradient (means) and its square (second moment), so
+    that no bias correction is needed; non-finite entries start at 0.
     """
     dtype = state_dtype(grad.dtype)
     g = grad.detach().reshape(-1).to(dtype)
     g = torch.where(torch.isfinite(g), g, torch.zeros((), dtype=dtype, device=g.device))
     n = g.numel()
     state: State = {
-        "lstm": torch.zeros(n, 2 * config.num_layers * config.hidden_size, dtype=dtype, device=g.device)
+        "lstm": torch.zeros(
+            n, 2 * config.num_layers * config.hidden_size, dtype=lstm_dtype or dtype, device=g.device
+        )
     }
     if config.uses_moments:
         means = config.num_moments - 1
@@ -116,7 +120,7 @@ def _coordinate_step(
     x = compute_features(g_safe, new_moments, config)
     forward = net.forward_reference if reference else net.forward
     out, new_lstm = forward(x.to(net.head_weight.dtype), lstm.to(net.head_weight.dtype))
-    out = out.to(lstm.dtype) * config.output_scale
+    out = out.to(g.dtype) * config.output_scale
     if config.update_clip is not None:
         out = out.clamp(-config.update_clip, config.update_clip)
     # coordinates with a non-finite gradient: no update, state untouched
@@ -184,7 +188,7 @@ def lstm_update(
     lrs = _as_list(lr, n, "lr")
     wds = _as_list(weight_decay, n, "weight_decay")
     config = networks.config
-    flat_grads = [(-g if maximize else g).reshape(-1).to(s["lstm"].dtype) for g, s in zip(grads, states)]
+    flat_grads = [(-g if maximize else g).reshape(-1).to(state_dtype(p.dtype)) for g, p in zip(grads, params)]
 
     directions: list[Tensor | None] = [None] * n
     new_states: list[State | None] = [None] * n

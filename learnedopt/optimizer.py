@@ -22,6 +22,7 @@ __all__ = ["LSTMOptimizer", "DEFAULT_PRETRAINED"]
 DEFAULT_PRETRAINED = "default"
 
 _STATE_KEYS = ("lstm", "moments")
+_LSTM_STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
 class LSTMOptimizer(Optimizer):
@@ -48,6 +49,8 @@ class LSTMOptimizer(Optimizer):
         cache_dir: Hub cache directory.
         impl: ``"batched"`` (default, one LSTM call per role), ``"compiled"`` (the same under
             ``torch.compile``: several times faster once compiled) or ``"reference"`` (per tensor).
+        state_dtype: Storage type of the per-coordinate LSTM state: ``None`` (float32; float64
+            for float64 parameters) or ``torch.bfloat16`` (half the memory; math in float32).
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -69,10 +72,16 @@ class LSTMOptimizer(Optimizer):
         revision: str | None = None,
         cache_dir: str | Path | None = None,
         impl: str = "batched",
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         _check_hyperparameters(lr=lr, weight_decay=weight_decay)
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"Invalid impl: {impl!r}; choose one of {IMPLEMENTATIONS}")
+        if state_dtype not in _LSTM_STATE_DTYPES:
+            raise ValueError(
+                f"Invalid state_dtype: {state_dtype}; choose None (float32, float64 for float64 "
+                "parameters), torch.float32 or torch.bfloat16"
+            )
         if networks is not None and pretrained is not None:
             raise ValueError("pass either pretrained= or networks=, not both")
         if networks is None:
@@ -85,6 +94,7 @@ class LSTMOptimizer(Optimizer):
             raise TypeError(f"networks must be an UpdateNetworks, got {type(networks).__name__}")
         self.networks = networks
         self.impl = impl
+        self.state_dtype = state_dtype
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize, role=role)
         super().__init__(params, defaults)
 
@@ -152,7 +162,7 @@ class LSTMOptimizer(Optimizer):
                     grad = -grad
                 if len(state) == 0:
                     state["step"] = torch.tensor(0.0)
-                    state.update(init_state(grad, config))
+                    state.update(init_state(grad, config, self.state_dtype))
                 params.append(real_p)
                 grads.append(grad)
                 states.append(state)
@@ -203,6 +213,7 @@ class LSTMOptimizer(Optimizer):
         state = super().__getstate__()
         state["networks"] = self.networks
         state["impl"] = self.impl
+        state["state_dtype"] = self.state_dtype
         return state
 
     def state_dict(self) -> dict[str, Any]:
@@ -271,7 +282,8 @@ class LSTMOptimizer(Optimizer):
             dtype = state_dtype(torch.view_as_real(p).dtype if p.is_complex() else p.dtype)
             for key in _STATE_KEYS:
                 if key in saved:
-                    self.state[p][key] = saved[key].to(dtype=dtype, device=p.device, copy=True)
+                    wanted = self.state_dtype or dtype if key == "lstm" else dtype
+                    self.state[p][key] = saved[key].to(dtype=wanted, device=p.device, copy=True)
         for post_hook in list(post.values()):
             post_hook(self)
 

@@ -891,3 +891,39 @@ def test_nonfinite_gradient_on_first_step(make_networks):
     assert torch.isfinite(state["lstm"]).all() and torch.isfinite(state["moments"]).all()
     assert (state["lstm"][2] == 0).all() and (state["moments"][2] == 0).all()  # fresh state kept
     assert (p.detach() != before).sum() == 5
+
+
+# ---------------------------------------------------------------------- reduced-precision state
+def test_bfloat16_lstm_state_halves_memory_and_tracks_float32(make_networks):
+    networks = make_networks(("dense", "bias"))
+    torch.manual_seed(1)
+    base = [torch.randn(40, 30), torch.randn(40)]
+    runs = {}
+    for dtype in (None, torch.bfloat16):
+        ps = [nn.Parameter(p.clone()) for p in base]
+        opt = LSTMOptimizer(ps, networks=networks, state_dtype=dtype)
+        for t in range(5):
+            for i, p in enumerate(ps):
+                p.grad = torch.sin(p.detach() * (i + 1) + t)
+            opt.step()
+        runs[dtype] = (ps, opt)
+    (p32, o32), (p16, o16) = runs[None], runs[torch.bfloat16]
+    for start, a, b in zip(base, p32, p16):
+        assert o16.state[b]["lstm"].dtype == torch.bfloat16 and o32.state[a]["lstm"].dtype == torch.float32
+        assert o16.state[b]["moments"].dtype == torch.float32
+        moved = (a.detach() - start).abs().max()
+        assert (a.detach() - b.detach()).abs().max() < 0.05 * moved  # bf16 rounding of the state only
+    lstm_bytes = {k: sum(o.state[p]["lstm"].nbytes for p in ps) for k, (ps, o) in runs.items()}
+    assert lstm_bytes[torch.bfloat16] * 2 == lstm_bytes[None]
+    # a state_dict round trip keeps the bf16 state bit for bit
+    fresh = [nn.Parameter(p.detach().clone()) for p in p16]
+    loaded = LSTMOptimizer(fresh, networks=networks, state_dtype=torch.bfloat16)
+    loaded.load_state_dict(o16.state_dict())
+    for a, b in zip(p16, fresh):
+        assert loaded.state[b]["lstm"].dtype == torch.bfloat16
+        assert torch.equal(loaded.state[b]["lstm"], o16.state[a]["lstm"])
+
+
+def test_invalid_state_dtype(make_networks):
+    with pytest.raises(ValueError, match="Invalid state_dtype: torch.int8"):
+        LSTMOptimizer(make_params(), networks=make_networks(), state_dtype=torch.int8)

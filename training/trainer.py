@@ -253,11 +253,14 @@ def _mean_curve(curves: list[list[float]]) -> list[float]:
     return [sum(c[t] for c in curves) / len(curves) for t in range(len(curves[0]))]
 
 
-def lstm_optimizer_for(networks: UpdateNetworks, task: Task) -> Callable[[list[Tensor]], LSTMOptimizer]:
+def lstm_optimizer_for(
+    networks: UpdateNetworks, task: Task, **options: Any
+) -> Callable[[list[Tensor]], LSTMOptimizer]:
     """A factory making an ``LSTMOptimizer`` over a task's parameters, each with the task's role."""
 
     def make(params: list[Tensor]) -> LSTMOptimizer:
-        return LSTMOptimizer([{"params": [p], "role": r} for p, r in zip(params, task.roles)], networks=networks)
+        groups = [{"params": [p], "role": r} for p, r in zip(params, task.roles)]
+        return LSTMOptimizer(groups, networks=networks, **options)
 
     return make
 
