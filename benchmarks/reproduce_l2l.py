@@ -11,6 +11,8 @@ Usage::
     python benchmarks/reproduce_l2l.py --suite quadratic --problems 20 --out docs/results
     python benchmarks/reproduce_l2l.py --suite mlp --data-dir ../shared/data --out docs/results
     python benchmarks/reproduce_l2l.py --suite generalization --data-dir ../shared/data --out docs/results
+    python benchmarks/reproduce_l2l.py --suite long --data-dir ../shared/data --out docs/results
+    python benchmarks/reproduce_l2l.py --suite conv --data-dir ../shared/data --shared runs/conv-shared --out docs/results
 
 Each suite writes ``<out>/<suite>.json``, ``<out>/<suite>.md`` (the table) and ``<out>/<suite>.png``.
 """
@@ -53,7 +55,8 @@ def summarize(curves: list[list[float]], at: list[int]) -> dict:
 
 
 def run_setting(name: str, family: TaskFamily, networks: UpdateNetworks, problems: int, steps: int,
-                tune_at: int, report_at: list[int], bf16_state: bool = False) -> dict:
+                tune_at: int, report_at: list[int], bf16_state: bool = False,
+                extra: dict[str, UpdateNetworks] | None = None) -> dict:
     generator = torch.Generator().manual_seed(2024)
     tasks = [family.sample(generator) for _ in range(problems)]
     result = {"setting": name, "problems": problems, "steps": steps, "tuned_at": tune_at, "report_at": report_at,
@@ -61,6 +64,9 @@ def run_setting(name: str, family: TaskFamily, networks: UpdateNetworks, problem
     started = time.time()
     lstm = curves_for(lambda t: lstm_optimizer_for(networks, t), tasks, steps)
     result["optimizers"]["LSTM"] = {"lr": None, **summarize(lstm, report_at)}
+    for label, other in (extra or {}).items():
+        curves = curves_for(lambda t: lstm_optimizer_for(other, t), tasks, steps)
+        result["optimizers"][f"LSTM, {label}"] = {"lr": None, **summarize(curves, report_at)}
     if bf16_state:
         lstm16 = curves_for(lambda t: lstm_optimizer_for(networks, t, state_dtype=torch.bfloat16), tasks, steps)
         result["optimizers"]["LSTM, bf16 state"] = {"lr": None, **summarize(lstm16, report_at)}
@@ -129,7 +135,9 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", choices=["quadratic", "mlp", "generalization"], required=True)
+    parser.add_argument("--suite", choices=["quadratic", "mlp", "generalization", "long", "conv"], required=True)
+    parser.add_argument("--shared", default=None,
+                        help="conv suite: a single-network optimizer meta-trained like l2l-conv, for comparison")
     parser.add_argument("--problems", type=int, default=20)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--pretrained", default=None, help="default: l2l-quadratic / l2l-mlp")
@@ -145,20 +153,27 @@ def main() -> None:
         nets = UpdateNetworks.from_pretrained(args.pretrained or "l2l-mlp")
         base = MLPFamily("fashion_mnist", data_dir=args.data_dir)
         settings = [("MLP 20 sigmoid, Fashion-MNIST, 200 steps (trained on 100)", base, 200, 100, [100, 200])]
-    else:
+    elif args.suite == "generalization":
         nets = UpdateNetworks.from_pretrained(args.pretrained or "l2l-mlp")
-        def mlp(**kw):
-            return MLPFamily("fashion_mnist", data_dir=args.data_dir, **kw)
         settings = [
-            ("40 hidden units", mlp(hidden=((40,),)), 100, 100, [100]),
-            ("2 hidden layers", mlp(hidden=((20, 20),)), 100, 100, [100]),
-            ("ReLU", mlp(activations=("relu",)), 100, 100, [100]),
-            ("1000 steps", mlp(), 1000, 1000, [100, 1000]),
+            ("40 hidden units", MLPFamily("fashion_mnist", hidden=((40,),), data_dir=args.data_dir), 100, 100, [100]),
+            ("2 hidden layers", MLPFamily("fashion_mnist", hidden=((20, 20),), data_dir=args.data_dir), 100, 100, [100]),
+            ("ReLU", MLPFamily("fashion_mnist", activations=("relu",), data_dir=args.data_dir), 100, 100, [100]),
         ]
-    results = [run_setting(name, fam, nets, args.problems, steps, tune_at, at, args.bf16_state)
+    elif args.suite == "conv":
+        from learnedopt.training.tasks import ConvFamily
+
+        nets = UpdateNetworks.from_pretrained(args.pretrained or "l2l-conv")
+        settings = [("conv net, Fashion-MNIST 14x14, 100 steps", ConvFamily(data_dir=args.data_dir), 100, 100, [100])]
+    else:  # long: 10x the meta-training horizon
+        nets = UpdateNetworks.from_pretrained(args.pretrained or "l2l-mlp")
+        settings = [("1000 steps (trained on 100)", MLPFamily("fashion_mnist", data_dir=args.data_dir), 1000, 1000,
+                     [100, 1000])]
+    extra = {"one shared network": UpdateNetworks.from_pretrained(args.shared)} if args.shared else None
+    results = [run_setting(name, fam, nets, args.problems, steps, tune_at, at, args.bf16_state, extra)
                for name, fam, steps, tune_at, at in settings]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    flags = " --bf16-state" if args.bf16_state else ""
+    flags = (" --bf16-state" if args.bf16_state else "") + (f" --shared {args.shared}" if args.shared else "")
     md = [f"Generated by `python benchmarks/reproduce_l2l.py --suite {args.suite} --problems {args.problems}{flags}` "
           f"on {machine}.\n", table(results)]
     (out / f"{args.suite}.md").write_text("\n".join(md))

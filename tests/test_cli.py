@@ -16,6 +16,8 @@ from learnedopt.cli import main
 from learnedopt.serialization import load_from_directory, pretrained_dir
 
 SHIPPED = sorted(list_pretrained())
+#: Shipped optimizers whose validation loss is below every tuned baseline's (README says so).
+BEATS_TUNED_BASELINES = {"default", "l2l-quadratic", "l2l-conv"}
 
 
 def test_default_and_paper_quadratic_are_shipped() -> None:
@@ -39,8 +41,9 @@ def test_shipped_optimizer_loads_and_records_how_it_was_made(name: str) -> None:
     assert training["command"] in card and "Adam(lr=1e-3)" in card
     assert (folder / "train_log.jsonl").read_text().count("\n") >= training["settings"]["outer_steps"]
     validation = training["validation"]
-    if name.startswith("l2l-"):  # paper reproductions: below every tuned baseline on validation
-        assert validation["lstm_final_loss"] < min(b["final_loss"] for b in validation["baselines"].values())
+    best_baseline = min(b["final_loss"] for b in validation["baselines"].values())
+    if name in BEATS_TUNED_BASELINES:  # the claim README and the model card make
+        assert validation["lstm_final_loss"] < best_baseline
     nets = load_from_directory(folder)
     assert nets.config == UpdateNetworkConfig.from_dict(config)
     assert all(torch.isfinite(p).all() for p in nets.parameters())
