@@ -516,8 +516,13 @@ def test_state_dict_round_trip_is_bit_identical(make_networks, case):
     assert [{k: v for k, v in g.items() if k != "params"} for g in new.param_groups] == [
         {k: v for k, v in g.items() if k != "params"} for g in opt.param_groups
     ]
-    run_steps(opt, params, 3, start=2)
-    run_steps(new, new_params, 3, start=2)
+    assert_continue_identically(opt, params, new, new_params, 3)
+
+
+def assert_continue_identically(opt, params, new, new_params, steps):
+    """Both optimizers take ``steps`` more steps on the same gradients and stay identical."""
+    run_steps(opt, params, steps, start=2)
+    run_steps(new, new_params, steps, start=2)
     assert_params_equal(new_params, params)
     assert_states_equal(opt, params, new, new_params)
 
@@ -607,10 +612,7 @@ def test_state_dtype_and_round_trip(make_networks, dtype, state_dtype):
     new = LSTMOptimizer(new_params, networks=make_networks(seed=11))
     new.load_state_dict(_save_load(opt.state_dict()))
     assert_states_equal(opt, params, new, new_params)  # dtype kept, values exact (no bf16 rounding)
-    run_steps(opt, params, 2, start=2)
-    run_steps(new, new_params, 2, start=2)
-    assert_params_equal(new_params, params)
-    assert_states_equal(opt, params, new, new_params)
+    assert_continue_identically(opt, params, new, new_params, 2)
 
 
 def test_load_state_dict_casts_state_to_float64_params(make_networks):

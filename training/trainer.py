@@ -598,14 +598,14 @@ class MetaTrainer:
             self.last_meta_loss = math.nan
             return
         self.nonfinite_in_row = 0
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        stats = torch.cat([flat, torch.tensor([total])])
-        self.dist.all_reduce_([stats])
-        flat, total = stats[:-1], float(stats[-1])
-        offset = 0
-        for p in self.networks.parameters():
-            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
+        if self.dist.enabled:  # one all-reduce of every meta-gradient and the meta-loss
+            stats = torch.cat([*(g.reshape(-1) for g in grads), torch.tensor([total])])
+            self.dist.all_reduce_([stats])
+            flat, total = stats[:-1], float(stats[-1])
+            offset = 0
+            for p in self.networks.parameters():
+                p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.networks.parameters(), config.grad_clip)
         self.meta_opt.step()
         for slot, (params, states) in zip(self.slots, results):
