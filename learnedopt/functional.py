@@ -15,6 +15,9 @@ Two implementations compute the same update:
   (in chunks when no gradient is needed, to bound the memory of temporaries);
 - ``"compiled"``: the batched path with the per-chunk step compiled by ``torch.compile``
   (elementwise gate math fused into a few kernels; the first call compiles, taking seconds);
+- ``"native"``: the fused C++ kernel of :mod:`learnedopt.native` (float32 CPU tensors, no
+  autograd; other tensors go through ``"batched"``). :class:`~learnedopt.LSTMOptimizer` runs it in
+  place; here it works on copies, so the function stays pure;
 - ``"reference"``: one tensor at a time, with the textbook LSTM cell. Slow; the parity reference.
 """
 
@@ -31,7 +34,7 @@ from .network import UpdateNetwork, UpdateNetworks
 
 __all__ = ["init_state", "compute_features", "lstm_update", "IMPLEMENTATIONS"]
 
-IMPLEMENTATIONS = ("batched", "compiled", "reference")
+IMPLEMENTATIONS = ("batched", "compiled", "native", "reference")
 
 #: Coordinates per chunk in the no-grad batched path: large enough for efficient matmuls, small
 #: enough that the gate temporaries (about 200 floats per coordinate) stay within a few MB.
@@ -164,7 +167,9 @@ def lstm_update(
         lr: Multiplies the learned update (and the weight decay); a float or one per tensor.
         weight_decay: Decoupled weight decay, ``p <- p - lr * weight_decay * p``; one or per tensor.
         maximize: Ascend instead of descend (the gradient's sign is flipped before the network).
-        impl: ``"batched"``, ``"compiled"`` or ``"reference"``; they compute the same result.
+        impl: ``"batched"``, ``"compiled"``, ``"native"`` or ``"reference"``; they compute the
+            same result. ``"native"`` needs no autograd and raises
+            :class:`learnedopt.native.NativeUnavailable` where the kernel cannot be built.
 
     Returns:
         ``(deltas, new_states)``: add ``deltas[i]`` to ``params[i]``; ``new_states[i]`` replaces
@@ -189,6 +194,9 @@ def lstm_update(
     wds = _as_list(weight_decay, n, "weight_decay")
     config = networks.config
     flat_grads = [(-g if maximize else g).reshape(-1).to(state_dtype(p.dtype)) for g, p in zip(grads, params)]
+
+    if impl == "native":
+        return _native_update(params, flat_grads, states, networks, roles, lrs, wds)
 
     directions: list[Tensor | None] = [None] * n
     new_states: list[State | None] = [None] * n
@@ -220,6 +228,42 @@ def lstm_update(
         if wds[i] != 0:
             delta = delta - (lrs[i] * wds[i]) * p
         deltas.append(delta)
+    return deltas, new_states  # type: ignore[return-value]
+
+
+def _native_update(params, flat_grads, states, networks, roles, lrs, wds) -> tuple[list[Tensor], list[State]]:
+    """``impl="native"`` without side effects: the kernel runs on copies of the state and on a zero
+    buffer in place of each parameter, so the buffer ends up holding ``lr * direction``."""
+    from . import native
+
+    if torch.is_grad_enabled() and (
+        any(g.requires_grad for g in flat_grads) or any(p.requires_grad for p in networks.parameters())
+    ):
+        raise ValueError("impl='native' does not support autograd; use impl='batched' for meta-training")
+    packed: dict[str, native.PackedNetwork] = {}
+    deltas: list[Tensor | None] = [None] * len(params)
+    new_states: list[State | None] = [None] * len(params)
+    todo = []
+    for i, (p, g, st) in enumerate(zip(params, flat_grads, states)):
+        copy = {k: v.clone() for k, v in st.items() if k in ("lstm", "moments")}
+        buf = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+        if native.eligible(buf, g, copy):
+            if roles[i] not in packed:
+                packed[roles[i]] = native.PackedNetwork(networks.network(roles[i]), networks.config)
+            todo.append((i, buf, copy))
+        else:
+            d, s = lstm_update([p], [g.reshape(p.shape)], [st], networks, [roles[i]], lr=lrs[i],
+                               weight_decay=wds[i], impl="batched")
+            deltas[i], new_states[i] = d[0], s[0]
+    if todo:
+        native.step_([packed[roles[i]] for i, _, _ in todo], [b for _, b, _ in todo],
+                     [flat_grads[i] for i, _, _ in todo], [c for _, _, c in todo],
+                     [lrs[i] for i, _, _ in todo], [0.0] * len(todo))
+        for i, buf, copy in todo:
+            delta = buf.reshape(params[i].shape)
+            if wds[i] != 0:
+                delta = delta - (lrs[i] * wds[i]) * params[i]
+            deltas[i], new_states[i] = delta, copy
     return deltas, new_states  # type: ignore[return-value]
 
 

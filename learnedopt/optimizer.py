@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import native
 from .functional import IMPLEMENTATIONS, init_state, lstm_update, state_dtype
 from .network import UpdateNetworks
 
@@ -22,6 +23,9 @@ __all__ = ["LSTMOptimizer", "DEFAULT_PRETRAINED"]
 DEFAULT_PRETRAINED = "default"
 
 _STATE_KEYS = ("lstm", "moments")
+_WARNED_NO_NATIVE = False
+#: ``impl`` choices of the optimizer: ``"auto"`` plus those of :func:`learnedopt.lstm_update`.
+OPTIMIZER_IMPLEMENTATIONS = ("auto", *IMPLEMENTATIONS)
 _LSTM_STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
@@ -47,8 +51,12 @@ class LSTMOptimizer(Optimizer):
         role: Default role for groups that do not set one (``None``: chosen from the shape).
         revision: Hub revision (branch, tag or commit) when ``pretrained`` is a repo id.
         cache_dir: Hub cache directory.
-        impl: ``"batched"`` (default, one LSTM call per role), ``"compiled"`` (the same under
-            ``torch.compile``: several times faster once compiled) or ``"reference"`` (per tensor).
+        impl: ``"auto"`` (default): ``"native"`` for float32 CPU tensors when the kernel can be
+            built here, ``"batched"`` otherwise. ``"native"``: the fused C++ kernel, in place
+            (compiled with g++ on first use; tensors it cannot take, e.g. float64 or CUDA, go
+            through ``"batched"``). ``"batched"``: one LSTM call per role in PyTorch ops.
+            ``"compiled"``: the same under ``torch.compile``. ``"reference"``: per tensor, the
+            textbook cell. All compute the same update (parity-tested).
         state_dtype: Storage type of the per-coordinate LSTM state: ``None`` (float32; float64
             for float64 parameters) or ``torch.bfloat16`` (half the memory; math in float32).
 
@@ -71,12 +79,12 @@ class LSTMOptimizer(Optimizer):
         role: str | None = None,
         revision: str | None = None,
         cache_dir: str | Path | None = None,
-        impl: str = "batched",
+        impl: str = "auto",
         state_dtype: torch.dtype | None = None,
     ) -> None:
         _check_hyperparameters(lr=lr, weight_decay=weight_decay)
-        if impl not in IMPLEMENTATIONS:
-            raise ValueError(f"Invalid impl: {impl!r}; choose one of {IMPLEMENTATIONS}")
+        if impl not in OPTIMIZER_IMPLEMENTATIONS:
+            raise ValueError(f"Invalid impl: {impl!r}; choose one of {OPTIMIZER_IMPLEMENTATIONS}")
         if state_dtype not in _LSTM_STATE_DTYPES:
             raise ValueError(
                 f"Invalid state_dtype: {state_dtype}; choose None (float32, float64 for float64 "
@@ -95,6 +103,12 @@ class LSTMOptimizer(Optimizer):
         self.networks = networks
         self.impl = impl
         self.state_dtype = state_dtype
+        self._native_packed: dict[str, tuple[tuple, native.PackedNetwork]] = {}
+        if impl == "native":
+            native.load_library()  # fail now, with the reason, rather than at the first step
+            reason = native.unsupported_reason(networks.config)
+            if reason:
+                raise native.NativeUnavailable(reason)
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize, role=role)
         super().__init__(params, defaults)
 
@@ -190,9 +204,29 @@ class LSTMOptimizer(Optimizer):
         if self.networks.head_device() != device:  # follow the model, e.g. after model.cuda()
             self.networks.to(device)
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        deltas, new_states = lstm_update(
-            params, grads, states, self.networks, roles, lr=lrs, weight_decay=wds, impl=self.impl
-        )
+        fast = self._native_indices(params, grads, states)
+        if fast:
+            native.step_(
+                [self._packed(roles[i]) for i in fast], [params[i] for i in fast],
+                [grads[i].reshape(-1) for i in fast], [states[i] for i in fast],
+                [lrs[i] for i in fast], [wds[i] for i in fast],
+            )
+            for i in fast:
+                states[i]["step"] += 1
+            rest = sorted(set(range(len(params))) - set(fast))
+            params, grads, states, roles, lrs, wds = (
+                [seq[i] for i in rest] for seq in (params, grads, states, roles, lrs, wds)
+            )
+        if params:
+            impl = "batched" if self.impl in ("auto", "native") else self.impl
+            deltas, new_states = lstm_update(
+                params, grads, states, self.networks, roles, lr=lrs, weight_decay=wds, impl=impl
+            )
+            torch._foreach_add_(params, deltas)
+            for state, new in zip(states, new_states):
+                state["step"] += 1
+                for key, value in new.items():
+                    state[key].copy_(value)
         if not bool(finite):
             warnings.warn(
                 "LSTMOptimizer: the gradient has non-finite values (NaN or Inf); those coordinates "
@@ -201,20 +235,49 @@ class LSTMOptimizer(Optimizer):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        torch._foreach_add_(params, deltas)
-        for state, new in zip(states, new_states):
-            state["step"] += 1
-            for key, value in new.items():
-                state[key].copy_(value)
         return loss
+
+    def _native_indices(self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]]) -> list[int]:
+        """Which tensors the native kernel updates this step (none unless impl is auto/native)."""
+        if self.impl not in ("auto", "native") or params[0].device.type != "cpu":
+            return []
+        if self.impl == "auto":
+            if native.unsupported_reason(self.networks.config):
+                return []
+            try:
+                native.load_library()
+            except native.NativeUnavailable as err:
+                global _WARNED_NO_NATIVE
+                if not _WARNED_NO_NATIVE:
+                    _WARNED_NO_NATIVE = True
+                    warnings.warn(f"LSTMOptimizer: using the slower PyTorch path (impl='batched') because "
+                                  f"the native kernel is unavailable: {err}. Pass impl='batched' to silence this.",
+                                  RuntimeWarning, stacklevel=3)
+                return []
+        return [i for i, (p, g, st) in enumerate(zip(params, grads, states)) if native.eligible(p, g, st)]
+
+    def _packed(self, role: str) -> native.PackedNetwork:
+        """The role's network in the kernel's layout, rebuilt when its weights change."""
+        net = self.networks.network(role)
+        key = tuple((p.data_ptr(), p._version) for p in net.parameters())
+        cached = self._native_packed.get(role)
+        if cached is None or cached[0] != key:
+            cached = (key, native.PackedNetwork(net, self.networks.config))
+            self._native_packed[role] = cached
+        return cached[1]
 
     # ------------------------------------------------------------------ (de)serialisation
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["networks"] = self.networks
         state["impl"] = self.impl
+        state.pop("_native_packed", None)  # ctypes structures; rebuilt on demand
         state["state_dtype"] = self.state_dtype
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._native_packed = {}
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer state plus the update networks' architecture and weights.

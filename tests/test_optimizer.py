@@ -165,7 +165,7 @@ def test_duplicate_params_in_one_group_are_rejected(make_networks):
         ({"weight_decay": -0.1}, None, "Invalid weight_decay value: -0.1"),
         ({}, {"lr": -0.5}, "Invalid learning rate: -0.5"),
         ({}, {"weight_decay": -2.0}, "Invalid weight_decay value: -2.0"),
-        ({"impl": "fused"}, None, "Invalid impl: 'fused'; choose one of ('batched', 'compiled', 'reference')"),
+        ({"impl": "fused"}, None, "Invalid impl: 'fused'; choose one of ('auto', 'batched', 'compiled', 'native', 'reference')"),
         ({"pretrained": "default"}, None, "pass either pretrained= or networks=, not both"),
     ],
     ids=["lr<0", "lr-nan", "lr-str", "lr-tensor-2", "wd<0", "group-lr<0", "group-wd<0", "impl", "both-networks"],

@@ -33,7 +33,7 @@ import torch
 
 from learnedopt import UpdateNetworks
 
-from .tasks import MixtureFamily, TaskFamily, resolve_family
+from .tasks import MixtureFamily, RescaledFamily, TaskFamily, resolve_family
 from .trainer import (
     DONE_NAME, EVAL_NAME, LOG_NAME, MetaTrainConfig, MetaTrainer, _atomic_text, evaluate, lstm_optimizer_for,
     truncated_unroll,
@@ -72,6 +72,8 @@ def compare_with_adam(
 
 
 def _component_families(family: TaskFamily) -> dict[str, TaskFamily]:
+    if isinstance(family, RescaledFamily):  # report on the problems themselves, not rescaled copies
+        family = family.family
     if isinstance(family, MixtureFamily):
         return {f"{i}:{getattr(f, 'name', type(f).__name__)}{':' + f.dataset if hasattr(f, 'dataset') else ''}": f
                 for i, f in enumerate(family.families)}

@@ -33,6 +33,9 @@ __all__ = [
     "MLPTask",
     "MLPFamily",
     "MixtureFamily",
+    "NormMLPFamily",
+    "RescaledTask",
+    "RescaledFamily",
     "ACTIVATIONS",
 ]
 
@@ -366,6 +369,150 @@ class ConvFamily(TaskFamily):
         return ModuleTask(module, batch, F.cross_entropy, (x[sub], y[sub]), name=f"conv-{self.dataset}-{c}")
 
 
+# ---------------------------------------------------------------------- MLPs with normalisation, regression
+@dataclass
+class NormMLPFamily(TaskFamily):
+    """MLPs with optional LayerNorm after each hidden layer, for classification or regression.
+
+    Regression targets come from a random teacher network (``synthetic``) or, on Fashion-MNIST,
+    from predicting the one-hot label with a squared error. Norm scales and shifts are 1-d
+    parameters, so a bundle's ``bias`` network meets them.
+
+    Attributes:
+        dataset: ``"fashion_mnist"`` or ``"synthetic"``.
+        objective: Choices among ``"classification"`` (cross-entropy) and ``"regression"`` (MSE).
+        norms: Choices among ``"layer"`` (LayerNorm after each hidden layer) and ``"none"``.
+        hidden, activations, batch_sizes, synthetic_dims: Choices, one drawn per task.
+    """
+
+    dataset: str = "synthetic"
+    objective: Sequence[str] = ("classification", "regression")
+    norms: Sequence[str] = ("layer", "none")
+    hidden: Sequence[Sequence[int]] = ((32,), (32, 32))
+    activations: Sequence[str] = ("relu", "tanh", "gelu")
+    batch_sizes: Sequence[int] = (32, 128)
+    synthetic_dims: Sequence[int] = (16, 32)
+    data_dir: str | None = None
+    eval_examples: int = 2048
+    download: bool = False
+    name: str = "mlp-norm"
+
+    def __post_init__(self) -> None:
+        if self.dataset not in ("fashion_mnist", "synthetic"):
+            raise ValueError(f"dataset must be 'fashion_mnist' or 'synthetic', got {self.dataset!r}")
+        for value, allowed, what in ((self.objective, ("classification", "regression"), "objective"),
+                                     (self.norms, ("layer", "none"), "norms"),
+                                     (self.activations, tuple(ACTIVATIONS), "activations")):
+            bad = [v for v in value if v not in allowed]
+            if bad or not value:
+                raise ValueError(f"{what} must be a non-empty list from {list(allowed)}, got {list(value)}")
+
+    def sample(self, generator: torch.Generator) -> ModuleTask:
+        def choice(options):
+            return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+        objective, norm, hidden = choice(self.objective), choice(self.norms), list(choice(self.hidden))
+        activation, batch_size = choice(self.activations), choice(self.batch_sizes)
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        if self.dataset == "fashion_mnist":
+            x, labels = _pooled_fashion_mnist(14, self.data_dir, self.download)
+            x = x.flatten(1)
+            dim, out = x.shape[1], 10
+            y = labels if objective == "classification" else F.one_hot(labels, 10).float()
+        else:
+            dim = choice(self.synthetic_dims)
+            if objective == "classification":
+                x, y = synthetic_classification(generator, 4096, dim, 10)
+                out = 10
+            else:
+                out = 4
+                x = torch.randn(4096, dim, generator=generator)
+                w1 = torch.randn(dim, 32, generator=generator) / math.sqrt(dim)
+                w2 = torch.randn(32, out, generator=generator) / math.sqrt(32)
+                y = torch.tanh(x @ w1 * 2) @ w2 + 0.1 * torch.randn(4096, out, generator=generator)
+        torch_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        layers: list[torch.nn.Module] = []
+        for fan_in, width in zip([dim, *hidden[:-1]], hidden):
+            layers.append(torch.nn.Linear(fan_in, width))
+            if norm == "layer":
+                layers.append(torch.nn.LayerNorm(width))
+            layers.append(_Activation(activation))
+        layers.append(torch.nn.Linear(hidden[-1], out))
+        module = torch.nn.Sequential(*layers)
+        torch.random.set_rng_state(torch_state)
+        sub = torch.randperm(len(x), generator=generator)[: self.eval_examples]
+
+        def batch(step: int, x=x, y=y) -> tuple[Tensor, Tensor]:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            idx = torch.randint(0, len(x), (batch_size,), generator=g)
+            return x[idx], y[idx]
+
+        loss_fn = F.cross_entropy if objective == "classification" else F.mse_loss
+        name = f"{self.name}-{self.dataset}-{objective}-{norm}-{'x'.join(map(str, hidden))}-{activation}"
+        return ModuleTask(module, batch, loss_fn, (x[sub], y[sub]), name=name)
+
+
+class _Activation(torch.nn.Module):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ACTIVATIONS[self.name](x)
+
+
+# ---------------------------------------------------------------------- task augmentation
+class RescaledTask(Task):
+    """A task reparameterised as ``θ_i = s_i φ_i`` with one scale per tensor (task augmentation).
+
+    The optimizer sees parameters ``φ = θ / s`` and gradients ``s ∂L/∂θ``: the same problem at a
+    different scale, which teaches an update network not to rely on one gradient magnitude.
+    """
+
+    def __init__(self, task: Task, scales: Sequence[float]) -> None:
+        self.task, self.scales = task, list(scales)
+        self.name = f"{task.name}-rescaled"
+
+    def _theta(self, params: Sequence[Tensor]) -> list[Tensor]:
+        return [p * s for p, s in zip(params, self.scales)]
+
+    def init_params(self) -> list[Tensor]:
+        return [p / s for p, s in zip(self.task.init_params(), self.scales)]
+
+    def loss(self, params: Sequence[Tensor], step: int) -> Tensor:
+        return self.task.loss(self._theta(params), step)
+
+    def eval_loss(self, params: Sequence[Tensor]) -> Tensor:
+        return self.task.eval_loss(self._theta(params))
+
+    @property
+    def roles(self) -> list[str | None]:
+        return self.task.roles
+
+
+@dataclass
+class RescaledFamily(TaskFamily):
+    """Wraps a family: with ``probability``, a task's tensors get scales ``10**U(-log10_range, log10_range)``."""
+
+    family: TaskFamily = field(default_factory=lambda: QuadraticFamily())
+    probability: float = 0.5
+    log10_range: float = 1.0
+    name: str = "rescaled"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.probability <= 1.0 or not self.log10_range >= 0:
+            raise ValueError("probability must be in [0, 1] and log10_range >= 0")
+
+    def sample(self, generator: torch.Generator) -> Task:
+        task = self.family.sample(generator)
+        if float(torch.rand((), generator=generator)) >= self.probability:
+            return task
+        n = len(task.init_params())
+        exps = (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * self.log10_range
+        return RescaledTask(task, [10.0 ** float(e) for e in exps])
+
+
 # ---------------------------------------------------------------------- registry
 def _default_mix(data_dir: str | None = None) -> MixtureFamily:
     """Quadratics, Fashion-MNIST MLPs (the paper's and variants) and MLPs on generated data."""
@@ -381,6 +528,26 @@ def _default_mix(data_dir: str | None = None) -> MixtureFamily:
     )
 
 
+def _default_mix_wide(data_dir: str | None = None) -> MixtureFamily:
+    """``default-mix`` widened: LayerNorm MLPs, regression, small conv nets, batch sizes 32-256,
+    GELU, and half of all tasks rescaled per tensor by up to 10x either way (task augmentation)."""
+    mix = MixtureFamily(
+        [
+            QuadraticFamily(),
+            MLPFamily("fashion_mnist", hidden=((20,),), activations=("sigmoid",), data_dir=data_dir),
+            MLPFamily("fashion_mnist", hidden=((20,), (32,), (16, 16)), activations=("relu", "tanh", "gelu"),
+                      batch_sizes=(32, 128, 256), data_dir=data_dir),
+            MLPFamily("synthetic", hidden=((32,), (16, 16)), activations=("sigmoid", "relu", "tanh")),
+            NormMLPFamily("synthetic"),
+            NormMLPFamily("fashion_mnist", hidden=((32,), (32, 16)), data_dir=data_dir),
+            ConvFamily(channels=(4, 8), batch_sizes=(32, 64), data_dir=data_dir),
+        ],
+        weights=[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5],
+        name="default-mix-wide",
+    )
+    return RescaledFamily(mix, probability=0.5, log10_range=1.0, name="default-mix-wide")
+
+
 #: Built-in task families by name. Each is called with the family's keyword arguments (and
 #: ``data_dir`` for those that read data).
 FAMILIES: dict[str, Callable[..., TaskFamily]] = {
@@ -390,8 +557,10 @@ FAMILIES: dict[str, Callable[..., TaskFamily]] = {
         "synthetic", **{"hidden": ((32,),), "activations": ("sigmoid", "relu"), **kw}),
     "conv": lambda data_dir=None, **kw: ConvFamily(data_dir=data_dir, **kw),
     "default-mix": _default_mix,
+    "mlp-norm": lambda data_dir=None, **kw: NormMLPFamily(data_dir=data_dir, **kw),
+    "default-mix-wide": _default_mix_wide,
 }
-_NEEDS_DATA = {"mlp", "mlp-synthetic", "conv", "default-mix"}
+_NEEDS_DATA = {"mlp", "mlp-synthetic", "conv", "default-mix", "mlp-norm", "default-mix-wide"}
 
 
 def resolve_family(spec: str | TaskFamily, kwargs: dict | None = None, data_dir: str | None = None) -> TaskFamily:

@@ -61,6 +61,10 @@ BASELINES: dict[str, Callable[[list[Tensor], float], torch.optim.Optimizer]] = {
 }
 
 
+#: Config fields that describe where weights came from rather than what the networks compute.
+_NON_ARCH_FIELDS = frozenset({"format_version", "library_version", "description", "training"})
+
+
 class ConfigMismatchError(ValueError):
     """``--resume`` on a directory written with a different configuration."""
 
@@ -97,6 +101,9 @@ class MetaTrainConfig:
         checkpoint_every: Outer steps between checkpoints.
         impl: Implementation of the update (``"batched"``, ``"compiled"``: faster after compiling).
         networks: Keyword arguments of :class:`learnedopt.UpdateNetworkConfig`.
+        init_from: Start from these pretrained networks (a shipped name, a directory or a Hub
+            repo id) instead of a random initialisation: fine-tunes an optimizer on a new family.
+            Its architecture is used; ``networks`` may only repeat it.
     """
 
     task_family: str = "mlp"
@@ -120,6 +127,7 @@ class MetaTrainConfig:
     checkpoint_every: int = 50
     impl: str = "batched"
     networks: dict[str, Any] = field(default_factory=dict)
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         for name in ("outer_steps", "meta_batch", "horizon", "unroll", "eval_tasks", "checkpoint_every",
@@ -356,6 +364,26 @@ class MetaTrainer:
         self.extra_log = log
         self._prepare_directory(resume, overwrite)
 
+    def _initial_networks(self) -> UpdateNetworks:
+        """Fresh networks from ``config.networks``, or a copy of the ``init_from`` networks."""
+        config = self.config
+        if not config.init_from:
+            return UpdateNetworks(UpdateNetworkConfig(**config.networks))
+        from learnedopt.serialization import load_networks
+
+        start = load_networks(config.init_from)
+        arch = {k: v for k, v in dataclasses.asdict(start.config).items() if k not in _NON_ARCH_FIELDS}
+        clashes = {k: (arch[k], v) for k, v in config.networks.items() if k in arch and arch[k] != v}
+        if clashes:
+            shown = "; ".join(f"{k}: {config.init_from} has {a!r}, settings ask for {b!r}" for k, (a, b) in clashes.items())
+            raise ConfigMismatchError(
+                f"init_from={config.init_from!r} has a different architecture ({shown}); drop those "
+                "network settings to fine-tune it, or leave out init_from to train from scratch"
+            )
+        networks = UpdateNetworks(UpdateNetworkConfig(**{**config.networks, **arch}))
+        networks.load_state_dict(start.state_dict())
+        return networks
+
     # ------------------------------------------------------------------ directory handling
     def _prepare_directory(self, resume: bool, overwrite: bool) -> None:
         ckpt = self.out / CHECKPOINT_NAME
@@ -510,7 +538,7 @@ class MetaTrainer:
         """Meta-train (or continue), save the best networks as a pretrained directory, return them."""
         config = self.config
         torch.manual_seed(config.seed)
-        self.networks = UpdateNetworks(UpdateNetworkConfig(**config.networks))
+        self.networks = self._initial_networks()
         self.meta_opt = torch.optim.Adam(self.networks.parameters(), lr=config.meta_lr)
         self.slots = [_Slot(i, torch.Generator().manual_seed(config.seed * 1_000_003 + i)) for i in self._local_slots()]
         self.nonfinite_in_row = self.nonfinite_total = 0

@@ -1,0 +1,281 @@
+"""``impl="native"``: the fused C++ step for float32 CPU tensors, compiled on first use.
+
+The kernel (``learnedopt/csrc/lstm_step.cpp``) updates parameters, LSTM state and moments in
+place, a tile of 16 coordinates at a time, so a step allocates nothing proportional to the model.
+It needs a C++ compiler (``g++``, or ``$CXX``) the first time; the library is cached under
+``$LEARNEDOPT_CACHE_DIR`` (default ``~/.cache/learnedopt``), keyed by the source, the flags and
+the compiler, and written atomically. It is called through :mod:`ctypes`, which releases the GIL,
+so large tensors are split across ``torch.get_num_threads()`` Python threads.
+
+``LEARNEDOPT_NATIVE=0`` turns it off: ``impl="auto"`` then uses ``"batched"``, and an explicit
+``impl="native"`` raises :class:`NativeUnavailable`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import UpdateNetworkConfig
+from .network import UpdateNetwork
+
+__all__ = ["NativeUnavailable", "available", "load_library", "PackedNetwork", "unsupported_reason", "eligible", "step_"]
+
+SOURCE = Path(__file__).parent / "csrc" / "lstm_step.cpp"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+ABI_VERSION = 1
+#: Coordinates in the kernel's tiles and rows in its register blocks (see lstm_step.cpp).
+TILE, ROW_BLOCK = 16, 8
+#: Smallest range of coordinates worth a thread of its own.
+MIN_COORDS_PER_THREAD = 16384
+_FEATURE_CODES = {"grad_logsign": 0, "grad_rms": 1, "momentum_rms": 2}
+
+
+class NativeUnavailable(RuntimeError):
+    """The native kernel cannot be used here (no compiler, compile error, or turned off)."""
+
+
+class _StepArgs(ctypes.Structure):
+    _fields_ = [
+        ("weights", ctypes.c_void_p),
+        ("hidden", ctypes.c_int32),
+        ("layers", ctypes.c_int32),
+        ("inputs", ctypes.c_int32),
+        ("features", ctypes.c_void_p),
+        ("num_features", ctypes.c_int32),
+        ("betas", ctypes.c_void_p),
+        ("num_moments", ctypes.c_int32),
+        ("rms_beta", ctypes.c_float),
+        ("rms_eps", ctypes.c_float),
+        ("feature_clip", ctypes.c_float),
+        ("preprocess_p", ctypes.c_float),
+        ("output_scale", ctypes.c_float),
+        ("update_clip", ctypes.c_float),
+    ]
+
+
+_LOCK = threading.Lock()
+_LIB: ctypes.CDLL | None = None
+_ERROR: str | None = None
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept."""
+    root = os.environ.get("LEARNEDOPT_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "learnedopt"
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX", "g++")
+    path = shutil.which(cxx)
+    if path is None:
+        raise NativeUnavailable(
+            f"no C++ compiler found (looked for {cxx!r}); install g++ (e.g. `apt install g++`) or set "
+            "$CXX, or use impl='batched'"
+        )
+    return path
+
+
+def _build() -> Path:
+    cxx = _compiler()
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise NativeUnavailable(f"cannot run the C++ compiler {cxx}: {err}") from None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
+                                     platform.machine().encode()])).hexdigest()[:16]
+    out_dir = cache_dir() / "native"
+    target = out_dir / f"lstm_step-{key}.so"
+    if target.is_file():
+        return target
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=out_dir)
+        os.close(fd)
+    except OSError as err:
+        raise NativeUnavailable(f"cannot write the compiled kernel under {out_dir} ({err}); set "
+                                "$LEARNEDOPT_CACHE_DIR to a writable folder") from None
+    try:
+        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise NativeUnavailable(
+                f"compiling {SOURCE.name} with {cxx} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+            )
+        os.replace(tmp, target)  # atomic: a concurrent build or a crash never leaves half a library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load_library() -> ctypes.CDLL:
+    """The compiled kernel, built on first use; raises :class:`NativeUnavailable` if it cannot be."""
+    global _LIB, _ERROR
+    if os.environ.get("LEARNEDOPT_NATIVE", "1") == "0":
+        raise NativeUnavailable("the native kernel is turned off by LEARNEDOPT_NATIVE=0")
+    with _LOCK:
+        if _LIB is not None:
+            return _LIB
+        if _ERROR is not None:
+            raise NativeUnavailable(_ERROR)
+        try:
+            lib = ctypes.CDLL(os.environ.get("LO_DBG_LIB") or str(_build()))
+            lib.learnedopt_abi_version.restype = ctypes.c_int32
+            if lib.learnedopt_abi_version() != ABI_VERSION:
+                raise NativeUnavailable("the cached native kernel has the wrong ABI version; delete "
+                                        f"{cache_dir() / 'native'} and retry")
+            fn = lib.learnedopt_lstm_step
+            fn.restype = ctypes.c_int64
+            fn.argtypes = [ctypes.POINTER(_StepArgs), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                           ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float, ctypes.c_float]
+        except NativeUnavailable as err:
+            _ERROR = str(err)
+            raise
+        except OSError as err:
+            _ERROR = f"cannot load the compiled native kernel: {err}"
+            raise NativeUnavailable(_ERROR) from None
+        _LIB = lib
+        return lib
+
+
+def available() -> bool:
+    """Whether the native kernel can be used on this machine (compiles it if needed)."""
+    try:
+        load_library()
+    except NativeUnavailable:
+        return False
+    return True
+
+
+def unsupported_reason(config: UpdateNetworkConfig) -> str | None:
+    """Why the kernel cannot run this architecture, or ``None`` if it can."""
+    if (4 * config.hidden_size) % ROW_BLOCK:
+        return f"hidden_size must be even for the native kernel (got {config.hidden_size})"
+    if config.num_moments > 64:
+        return f"at most 63 momentum betas in the native kernel (got {config.num_moments - 1})"
+    return None
+
+
+def eligible(param: Tensor, grad: Tensor, state: dict[str, Tensor]) -> bool:
+    """Whether one tensor can take the native path (float32, CPU, contiguous state)."""
+    lstm, moments = state["lstm"], state.get("moments")
+    return (
+        param.device.type == "cpu" and param.dtype == torch.float32 and grad.dtype == torch.float32
+        and param.is_contiguous() and not param.requires_grad
+        and lstm.dtype in (torch.float32, torch.bfloat16) and lstm.is_contiguous()
+        and (moments is None or (moments.dtype == torch.float32 and moments.is_contiguous()))
+    )
+
+
+class PackedNetwork:
+    """One network's weights in the kernel's layout, with the call arguments built once."""
+
+    def __init__(self, net: UpdateNetwork, config: UpdateNetworkConfig) -> None:
+        reason = unsupported_reason(config)
+        if reason:
+            raise NativeUnavailable(reason)
+        h = config.hidden_size
+        pieces = []
+        with torch.no_grad():
+            for weight, bias in net.layer_parameters():
+                w = weight.detach().to(torch.float32).clone()
+                b = bias.detach().to(torch.float32).clone()
+                sig = torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h)])
+                w[sig] *= 0.5  # sigmoid(x) = 0.5 + 0.5 * tanh(x / 2)
+                b[sig] *= 0.5
+                g, k = w.shape
+                pieces += [w.view(g // ROW_BLOCK, ROW_BLOCK, k).transpose(1, 2).reshape(-1), b]
+            pieces += [net.head_weight.detach().to(torch.float32).reshape(-1),
+                       net.head_bias.detach().to(torch.float32).reshape(1)]
+        self.weights = torch.cat(pieces).contiguous()
+        self.features = torch.tensor([_FEATURE_CODES[f] for f in config.features], dtype=torch.int32)
+        means = max(config.num_moments - 1, 0)
+        self.betas = torch.tensor(list(config.momentum_betas[:means]) or [0.0], dtype=torch.float32)
+        self.state_size = 2 * config.num_layers * h
+        self.num_moments = config.num_moments
+        self.args = _StepArgs(
+            self.weights.data_ptr(), h, config.num_layers, config.input_size,
+            self.features.data_ptr(), len(config.features), self.betas.data_ptr(), config.num_moments,
+            config.rms_beta, config.rms_eps, config.feature_clip, config.preprocess_p,
+            config.output_scale, -1.0 if config.update_clip is None else config.update_clip,
+        )
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    global _POOL, _POOL_SIZE
+    if _POOL is None or _POOL_SIZE != threads:
+        if _POOL is not None:
+            _POOL.shutdown(wait=True)
+        _POOL, _POOL_SIZE = ThreadPoolExecutor(threads, thread_name_prefix="learnedopt-native"), threads
+    return _POOL
+
+
+def step_(
+    packed: list[PackedNetwork],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    lrs: list[float],
+    weight_decays: list[float],
+    threads: int | None = None,
+) -> int:
+    """Update ``params`` and their ``states`` in place; ``packed[i]`` serves ``params[i]``.
+
+    Every tensor must pass :func:`eligible`. Returns the number of coordinates whose gradient was
+    not finite (those were not updated, apart from weight decay, and kept their state).
+    """
+    lib = load_library()
+    fn = lib.learnedopt_lstm_step
+    threads = threads or torch.get_num_threads()
+    calls = []
+    for net, p, g, st, lr, wd in zip(packed, params, grads, states, lrs, weight_decays):
+        g = g.contiguous()
+        lstm, moments = st["lstm"], st.get("moments")
+        n = p.numel()
+        if lstm.shape != (n, net.state_size) or (net.num_moments and (moments is None or moments.shape != (n, net.num_moments))):
+            raise ValueError(
+                f"optimizer state of a tensor with {n} elements has the wrong shape (lstm {tuple(lstm.shape)}"
+                f"{', moments ' + str(tuple(moments.shape)) if moments is not None else ''}); was it "
+                "loaded from a different architecture?"
+            )
+        bf16 = int(lstm.dtype == torch.bfloat16)
+        lstm_row = net.state_size * lstm.element_size()
+        mom_row = net.num_moments * 4
+        per = max(MIN_COORDS_PER_THREAD, -(-n // threads))
+        per = -(-per // TILE) * TILE
+        for start in range(0, n, per):
+            count = min(per, n - start)
+            calls.append((
+                ctypes.byref(net.args), p.data_ptr() + 4 * start, g.data_ptr() + 4 * start, count,
+                lstm.data_ptr() + lstm_row * start, bf16,
+                moments.data_ptr() + mom_row * start if net.num_moments else None,
+                float(lr), float(wd), g,  # keep g (maybe a contiguous copy) alive until the call ran
+            ))
+
+    def run(call) -> int:
+        result = fn(*call[:-1])
+        if result < 0:
+            raise MemoryError("the native LSTM step could not allocate its scratch memory")
+        return result
+
+    if threads > 1 and len(calls) > 1:
+        return sum(_pool(threads).map(run, calls))
+    return sum(run(c) for c in calls)
