@@ -175,7 +175,7 @@ def eligible(param: Tensor, grad: Tensor, state: dict[str, Tensor]) -> bool:
     lstm, moments = state["lstm"], state.get("moments")
     return (
         param.device.type == "cpu" and param.dtype == torch.float32 and grad.dtype == torch.float32
-        and param.is_contiguous() and not param.requires_grad
+        and param.is_contiguous()
         and lstm.dtype in (torch.float32, torch.bfloat16) and lstm.is_contiguous()
         and (moments is None or (moments.dtype == torch.float32 and moments.is_contiguous()))
     )

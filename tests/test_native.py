@@ -88,9 +88,12 @@ def _model() -> torch.nn.Module:
 
 @needs_compiler
 @pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
-def test_optimizer_native_matches_reference(make_networks, state_dtype):
+def test_optimizer_native_matches_reference(make_networks, state_dtype, monkeypatch):
     """LSTMOptimizer(impl="native") updates in place exactly what impl="reference" computes; a
     float64 tensor in the same optimizer falls back to the PyTorch path."""
+    calls = []
+    real_step = native.step_
+    monkeypatch.setattr(native, "step_", lambda *a, **k: calls.append(len(a[1])) or real_step(*a, **k))
     networks = make_networks(("conv", "dense", "bias"))
     models = {impl: _model() for impl in ("native", "reference")}
     start = torch.randn(7, dtype=torch.float64)
@@ -116,6 +119,7 @@ def test_optimizer_native_matches_reference(make_networks, state_dtype):
         assert float(st_nat["step"]) == float(st_ref["step"]) == 5.0
         torch.testing.assert_close(st_nat["lstm"].float(), st_ref["lstm"].float(), **(tol if state_dtype is None else dict(rtol=2e-2, atol=2e-2)))
     torch.testing.assert_close(extra["native"], extra["reference"])
+    assert calls == [8] * 5  # the eight float32 tensors went through the kernel at every step
 
 
 @needs_compiler
