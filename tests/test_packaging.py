@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -33,6 +34,7 @@ def test_wheel_contains_shipped_weights_and_training(wheel: Path) -> None:
         for filename in ("config.json", "model.safetensors", "README.md"):
             assert f"learnedopt/pretrained/{name}/{filename}" in names
     assert "learnedopt/training/meta_train.py" in names
+    assert "learnedopt/csrc/lstm_step.cpp" in names  # the native kernel is compiled from it on first use
     # no generic top-level module named `training` or `pretrained`
     assert not any(n.startswith(("training/", "pretrained/")) for n in names)
 
@@ -48,10 +50,10 @@ def test_installed_wheel_loads_default_outside_repo(wheel: Path, tmp_path: Path)
         "import learnedopt, torch; "
         "assert learnedopt.__file__.startswith(%r), learnedopt.__file__; "
         "print(sorted(learnedopt.list_pretrained())); "
-        "m = torch.nn.Linear(3, 2); opt = learnedopt.LSTMOptimizer(m.parameters()); "
+        "m = torch.nn.Linear(3, 2); opt = learnedopt.LSTMOptimizer(m.parameters(), impl=%r); "
         "m(torch.randn(4, 3)).sum().backward(); opt.step(); print('ok')"
-    ) % str(target)
-    env = dict(os.environ, PYTHONPATH=str(target))
+    ) % (str(target), "native" if shutil.which(os.environ.get("CXX", "g++")) else "batched")
+    env = dict(os.environ, PYTHONPATH=str(target), LEARNEDOPT_CACHE_DIR=str(tmp_path / "cache"))
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "'default'" in result.stdout and result.stdout.strip().endswith("ok")

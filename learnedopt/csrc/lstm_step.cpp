@@ -29,9 +29,14 @@ typedef float vf __attribute__((vector_size(TILE * sizeof(float))));
 
 static inline vf splat(float x) { return vf{} + x; }
 
+
 static inline vf vclamp(vf x, float lo, float hi) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_min_ps(_mm512_max_ps((__m512)x, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+#else
     x = x < lo ? splat(lo) : x;
     return x > hi ? splat(hi) : x;
+#endif
 }
 
 // 1 / q for q in [0.0049, 0.74] (tanh's denominator): a hardware estimate refined by one Newton
