@@ -15,9 +15,12 @@ Two implementations compute the same update:
   (in chunks when no gradient is needed, to bound the memory of temporaries);
 - ``"compiled"``: the batched path with the per-chunk step compiled by ``torch.compile``
   (elementwise gate math fused into a few kernels; the first call compiles, taking seconds);
-- ``"native"``: the fused C++ kernel of :mod:`learnedopt.native` (float32 CPU tensors, no
-  autograd; other tensors go through ``"batched"``). :class:`~learnedopt.LSTMOptimizer` runs it in
-  place; here it works on copies, so the function stays pure;
+- ``"native"``: the fused C++ kernels of :mod:`learnedopt.native` (float32 CPU tensors; others
+  go through ``"batched"``). Without autograd, the whole step is one kernel
+  (:class:`~learnedopt.LSTMOptimizer` runs it in place; here it works on copies, so the function
+  stays pure); with autograd (meta-training), the batched path with the fused LSTM pointwise
+  kernel, forward and backward;
+- ``"auto"``: ``"native"`` where the kernel can be built, else ``"batched"``;
 - ``"reference"``: one tensor at a time, with the textbook LSTM cell. Slow; the parity reference.
 """
 
@@ -34,11 +37,14 @@ from .network import UpdateNetwork, UpdateNetworks
 
 __all__ = ["init_state", "compute_features", "lstm_update", "IMPLEMENTATIONS"]
 
-IMPLEMENTATIONS = ("batched", "compiled", "native", "reference")
+IMPLEMENTATIONS = ("auto", "batched", "compiled", "native", "reference")
 
 #: Coordinates per chunk in the no-grad batched path: large enough for efficient matmuls, small
 #: enough that the gate temporaries (about 200 floats per coordinate) stay within a few MB.
 CHUNK_SIZE = 32768
+
+#: Under autograd, tensors with at least this many coordinates are not concatenated with others.
+SEPARATE_SIZE = 4096
 
 State = dict[str, Tensor]
 
@@ -115,17 +121,25 @@ def _coordinate_step(
     moments: Tensor | None,
     *,
     reference: bool,
+    pointwise: str = "torch",
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Update direction and new state for flat coordinates; non-finite gradients are masked out."""
     finite = torch.isfinite(g)
-    g_safe = torch.where(finite, g, torch.zeros_like(g))
+    # in eager mode, skip the masking when every gradient is finite (the usual case); a compiled
+    # graph keeps it (no data-dependent branch)
+    all_finite = not torch.compiler.is_compiling() and bool(finite.all())
+    g_safe = g if all_finite else torch.where(finite, g, torch.zeros_like(g))
     new_moments = _update_moments(g_safe, moments, config) if moments is not None else None
     x = compute_features(g_safe, new_moments, config)
-    forward = net.forward_reference if reference else net.forward
-    out, new_lstm = forward(x.to(net.head_weight.dtype), lstm.to(net.head_weight.dtype))
+    if reference:
+        out, new_lstm = net.forward_reference(x.to(net.head_weight.dtype), lstm.to(net.head_weight.dtype))
+    else:
+        out, new_lstm = net(x.to(net.head_weight.dtype), lstm.to(net.head_weight.dtype), pointwise=pointwise)
     out = out.to(g.dtype) * config.output_scale
     if config.update_clip is not None:
         out = out.clamp(-config.update_clip, config.update_clip)
+    if all_finite:
+        return out, new_lstm.to(lstm.dtype), new_moments
     # coordinates with a non-finite gradient: no update, state untouched
     out = torch.where(finite, out, torch.zeros_like(out))
     new_lstm = torch.where(finite[:, None], new_lstm.to(lstm.dtype), lstm)
@@ -167,8 +181,8 @@ def lstm_update(
         lr: Multiplies the learned update (and the weight decay); a float or one per tensor.
         weight_decay: Decoupled weight decay, ``p <- p - lr * weight_decay * p``; one or per tensor.
         maximize: Ascend instead of descend (the gradient's sign is flipped before the network).
-        impl: ``"batched"``, ``"compiled"``, ``"native"`` or ``"reference"``; they compute the
-            same result. ``"native"`` needs no autograd and raises
+        impl: ``"auto"``, ``"batched"``, ``"compiled"``, ``"native"`` or ``"reference"``; they
+            compute the same result. ``"native"`` raises
             :class:`learnedopt.native.NativeUnavailable` where the kernel cannot be built.
 
     Returns:
@@ -195,8 +209,22 @@ def lstm_update(
     config = networks.config
     flat_grads = [(-g if maximize else g).reshape(-1).to(state_dtype(p.dtype)) for g, p in zip(grads, params)]
 
-    if impl == "native":
-        return _native_update(params, flat_grads, states, networks, roles, lrs, wds)
+    pointwise = "torch"
+    if impl in ("native", "auto"):
+        grad_mode = torch.is_grad_enabled() and (
+            any(g.requires_grad for g in flat_grads) or any(p.requires_grad for p in networks.parameters())
+            or any(s["lstm"].requires_grad for s in states)
+        )
+        if not grad_mode:
+            if impl == "native" or _native_ready(networks):
+                return _native_update(params, flat_grads, states, networks, roles, lrs, wds)
+        else:
+            pointwise = impl
+            if impl == "native":
+                from . import native
+
+                native.load_library()  # the reason, now, if it cannot be built
+        impl = "batched"
 
     directions: list[Tensor | None] = [None] * n
     new_states: list[State | None] = [None] * n
@@ -215,7 +243,7 @@ def lstm_update(
         for role, idx in by_role.items():
             outs, lstms, moms = _batched_role_step(
                 networks.network(role), config, [flat_grads[i] for i in idx], [states[i] for i in idx],
-                compiled=impl == "compiled",
+                compiled=impl == "compiled", pointwise=pointwise,
             )
             for j, i in enumerate(idx):
                 directions[i] = outs[j]
@@ -231,15 +259,17 @@ def lstm_update(
     return deltas, new_states  # type: ignore[return-value]
 
 
+def _native_ready(networks: UpdateNetworks) -> bool:
+    from . import native
+
+    return native.unsupported_reason(networks.config) is None and native.available()
+
+
 def _native_update(params, flat_grads, states, networks, roles, lrs, wds) -> tuple[list[Tensor], list[State]]:
     """``impl="native"`` without side effects: the kernel runs on copies of the state and on a zero
     buffer in place of each parameter, so the buffer ends up holding ``lr * direction``."""
     from . import native
 
-    if torch.is_grad_enabled() and (
-        any(g.requires_grad for g in flat_grads) or any(p.requires_grad for p in networks.parameters())
-    ):
-        raise ValueError("impl='native' does not support autograd; use impl='batched' for meta-training")
     packed: dict[str, native.PackedNetwork] = {}
     deltas: list[Tensor | None] = [None] * len(params)
     new_states: list[State | None] = [None] * len(params)
@@ -291,8 +321,27 @@ def _batched_role_step(
     grads: list[Tensor],
     states: list[State],
     compiled: bool = False,
+    pointwise: str = "torch",
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
-    """All coordinates of one role in one LSTM call (chunked when no gradient is needed)."""
+    """All coordinates of one role in one LSTM call (chunked when no gradient is needed).
+
+    Under autograd, tensors of at least ``SEPARATE_SIZE`` coordinates get a call of their own:
+    concatenating their state and splitting it again would copy (and, backward, zero-fill) the
+    whole state every step, which costs more than the extra calls save.
+    """
+    if len(grads) > 1 and torch.is_grad_enabled():
+        big = [i for i, g in enumerate(grads) if g.numel() >= SEPARATE_SIZE]
+        if big:
+            small = [i for i in range(len(grads)) if i not in big]
+            groups = [[i] for i in big] + ([small] if small else [])
+            outs, lstms, moms = [None] * len(grads), [None] * len(grads), [None] * len(grads)
+            for group in groups:
+                o, l, m = _batched_role_step(net, config, [grads[i] for i in group], [states[i] for i in group],
+                                             compiled, pointwise)
+                for j, i in enumerate(group):
+                    outs[i], lstms[i] = o[j], l[j]
+                    moms[i] = m[j] if m is not None else None
+            return outs, lstms, (moms if "moments" in states[0] else None)  # type: ignore[return-value]
     sizes = [g.numel() for g in grads]
     g = torch.cat(grads) if len(grads) > 1 else grads[0]
     lstm = torch.cat([s["lstm"] for s in states]) if len(states) > 1 else states[0]["lstm"]
@@ -307,7 +356,7 @@ def _batched_role_step(
     )
     total = g.numel()
     if needs_grad or total <= CHUNK_SIZE:
-        out, new_lstm, new_moments = step(net, config, g, lstm, moments, reference=False)
+        out, new_lstm, new_moments = step(net, config, g, lstm, moments, reference=False, pointwise=pointwise)
     else:
         out = torch.empty_like(g)
         new_lstm = torch.empty_like(lstm)
@@ -316,7 +365,7 @@ def _batched_role_step(
             stop = min(start + CHUNK_SIZE, total)
             o, l, m = step(
                 net, config, g[start:stop], lstm[start:stop],
-                moments[start:stop] if moments is not None else None, reference=False,
+                moments[start:stop] if moments is not None else None, reference=False, pointwise=pointwise,
             )
             out[start:stop] = o
             new_lstm[start:stop] = l

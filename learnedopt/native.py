@@ -27,14 +27,21 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import UpdateNetworkConfig
-from .network import UpdateNetwork
+from typing import TYPE_CHECKING
 
-__all__ = ["NativeUnavailable", "available", "load_library", "PackedNetwork", "unsupported_reason", "eligible", "step_"]
+from .config import UpdateNetworkConfig
+
+if TYPE_CHECKING:
+    from .network import UpdateNetwork
+
+__all__ = [
+    "NativeUnavailable", "available", "load_library", "PackedNetwork", "unsupported_reason", "eligible", "step_",
+    "lstm_pointwise", "pointwise_eligible",
+]
 
 SOURCE = Path(__file__).parent / "csrc" / "lstm_step.cpp"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
-ABI_VERSION = 1
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "--param=vect-partial-vector-usage=2")
+ABI_VERSION = 2
 #: Coordinates in the kernel's tiles and rows in its register blocks (see lstm_step.cpp).
 TILE, ROW_BLOCK = 16, 8
 #: Smallest range of coordinates worth a thread of its own.
@@ -142,6 +149,11 @@ def load_library() -> ctypes.CDLL:
             fn.restype = ctypes.c_int64
             fn.argtypes = [ctypes.POINTER(_StepArgs), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                            ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float, ctypes.c_float]
+            vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+            lib.learnedopt_lstm_pointwise_fwd.restype = None
+            lib.learnedopt_lstm_pointwise_fwd.argtypes = [vp, vp, i64, i64, i32, vp, vp, vp, vp]
+            lib.learnedopt_lstm_pointwise_bwd.restype = None
+            lib.learnedopt_lstm_pointwise_bwd.argtypes = [vp, vp, vp, vp, i64, vp, i64, i32, vp, vp]
         except NativeUnavailable as err:
             _ERROR = str(err)
             raise
@@ -184,7 +196,7 @@ def eligible(param: Tensor, grad: Tensor, state: dict[str, Tensor]) -> bool:
 class PackedNetwork:
     """One network's weights in the kernel's layout, with the call arguments built once."""
 
-    def __init__(self, net: UpdateNetwork, config: UpdateNetworkConfig) -> None:
+    def __init__(self, net: "UpdateNetwork", config: UpdateNetworkConfig) -> None:
         reason = unsupported_reason(config)
         if reason:
             raise NativeUnavailable(reason)
@@ -279,3 +291,86 @@ def step_(
     if threads > 1 and len(calls) > 1:
         return sum(_pool(threads).map(run, calls))
     return sum(run(c) for c in calls)
+
+
+# ---------------------------------------------------------------------------- meta-training
+def _row_ranges(n: int, threads: int) -> list[tuple[int, int]]:
+    per = max(MIN_COORDS_PER_THREAD // 4, -(-n // threads))
+    return [(start, min(n, start + per)) for start in range(0, n, per)]
+
+
+def _run_rows(fn, n: int) -> None:
+    threads = torch.get_num_threads()
+    ranges = _row_ranges(n, threads)
+    if len(ranges) > 1:
+        list(_pool(threads).map(lambda r: fn(*r), ranges))
+    else:
+        fn(0, n)
+
+
+def _ptr(t: Tensor | None, row: int, row_floats: int) -> int | None:
+    return None if t is None else t.data_ptr() + 4 * row * row_floats
+
+
+class _LSTMPointwise(torch.autograd.Function):
+    """The elementwise half of an LSTM layer, fused forward and backward (float32, CPU)."""
+
+    @staticmethod
+    def forward(ctx, gates: Tensor, c_prev: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        lib = load_library()
+        n, four_h = gates.shape
+        hidden = four_h // 4
+        gates = gates.contiguous()
+        if c_prev.stride(1) != 1:
+            c_prev = c_prev.contiguous()
+        ldc = c_prev.stride(0)
+        h, c, tc = (gates.new_empty(n, hidden) for _ in range(3))
+        act = torch.empty_like(gates)
+
+        def run(start: int, stop: int) -> None:
+            lib.learnedopt_lstm_pointwise_fwd(
+                _ptr(gates, start, four_h), c_prev.data_ptr() + 4 * start * ldc, ldc, stop - start, hidden,
+                _ptr(h, start, hidden), _ptr(c, start, hidden), _ptr(act, start, four_h), _ptr(tc, start, hidden),
+            )
+
+        _run_rows(run, n)
+        ctx.save_for_backward(act, c_prev, tc)
+        return h, c
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dh: Tensor | None, dc: Tensor | None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        lib = load_library()
+        act, c_prev, tc = ctx.saved_tensors
+        n, four_h = act.shape
+        hidden = four_h // 4
+        dh = None if dh is None else dh.contiguous()
+        dc = None if dc is None else dc.contiguous()
+        d_gates = torch.empty_like(act)
+        d_c_prev = tc.new_empty(n, hidden)
+        ldc = c_prev.stride(0)
+
+        def run(start: int, stop: int) -> None:
+            lib.learnedopt_lstm_pointwise_bwd(
+                _ptr(dh, start, hidden), _ptr(dc, start, hidden), _ptr(act, start, four_h),
+                c_prev.data_ptr() + 4 * start * ldc, ldc, _ptr(tc, start, hidden), stop - start, hidden,
+                _ptr(d_gates, start, four_h), _ptr(d_c_prev, start, hidden),
+            )
+
+        _run_rows(run, n)
+        return d_gates, d_c_prev
+
+
+def pointwise_eligible(gates: Tensor, c_prev: Tensor) -> bool:
+    """Whether :func:`lstm_pointwise` can take these tensors (float32 CPU, kernel available)."""
+    if gates.device.type != "cpu" or gates.dtype != torch.float32 or c_prev.dtype != torch.float32:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return available()
+
+
+def lstm_pointwise(gates: Tensor, c_prev: Tensor) -> tuple[Tensor, Tensor]:
+    """``(h, c)`` of an LSTM layer from its gate pre-activations ``(N, 4H)`` ([i, f, g, o]) and the
+    previous cell state ``(N, H)``; differentiable (fused backward). See :func:`pointwise_eligible`."""
+    return _LSTMPointwise.apply(gates, c_prev)

@@ -62,16 +62,20 @@ class UpdateNetwork(nn.Module):
         """Floats of recurrent state per coordinate."""
         return 2 * self.num_layers * self.hidden_size
 
-    def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, state: Tensor, *, pointwise: str = "torch") -> tuple[Tensor, Tensor]:
         """One step for a batch of coordinates.
 
         Args:
             x: ``(N, input_size)`` input features.
             state: ``(N, state_size)`` recurrent state.
+            pointwise: How the gate nonlinearities and the cell update run: ``"torch"`` (PyTorch
+                ops), ``"native"`` (the fused kernel of :mod:`learnedopt.native`, forward and
+                backward; float32 CPU) or ``"auto"`` (native where it can run, else torch).
 
         Returns:
             ``(out, new_state)``: the head's output ``(N,)`` and the new state ``(N, state_size)``.
         """
+        from . import native
         h_size, n_layers = self.hidden_size, self.num_layers
         hs, cs = [], []
         inp = x
@@ -79,9 +83,12 @@ class UpdateNetwork(nn.Module):
             h = state[:, layer * h_size : (layer + 1) * h_size]
             c = state[:, (n_layers + layer) * h_size : (n_layers + layer + 1) * h_size]
             gates = torch.addmm(bias, torch.cat([inp, h], dim=1), weight.t())
-            i, f, g, o = gates.chunk(4, dim=1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
+            if pointwise == "native" or (pointwise == "auto" and native.pointwise_eligible(gates, c)):
+                h, c = native.lstm_pointwise(gates, c)
+            else:
+                i, f, g, o = gates.chunk(4, dim=1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
             hs.append(h)
             cs.append(c)
             inp = h

@@ -24,8 +24,8 @@ DEFAULT_PRETRAINED = "default"
 
 _STATE_KEYS = ("lstm", "moments")
 _WARNED_NO_NATIVE = False
-#: ``impl`` choices of the optimizer: ``"auto"`` plus those of :func:`learnedopt.lstm_update`.
-OPTIMIZER_IMPLEMENTATIONS = ("auto", *IMPLEMENTATIONS)
+#: ``impl`` choices of the optimizer (those of :func:`learnedopt.lstm_update`).
+OPTIMIZER_IMPLEMENTATIONS = IMPLEMENTATIONS
 _LSTM_STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 

@@ -283,7 +283,7 @@ def test_lstm_update_does_not_modify_inputs(make_networks):
     [
         (1, 2, 2, {}, "params, grads, states and roles must have the same length, got 2, 1, 2, 2"),
         (2, 2, 3, {}, "params, grads, states and roles must have the same length, got 2, 2, 2, 3"),
-        (2, 2, 2, {"impl": "fast"}, "impl must be one of ('batched', 'compiled', 'native', 'reference'), got 'fast'"),
+        (2, 2, 2, {"impl": "fast"}, "impl must be one of ('auto', 'batched', 'compiled', 'native', 'reference'), got 'fast'"),
         (2, 2, 2, {"lr": [1.0]}, "lr has 1 entries but there are 2 parameters"),
         (2, 2, 2, {"weight_decay": [0.1, 0.1, 0.1]}, "weight_decay has 3 entries but there are 2 parameters"),
     ],

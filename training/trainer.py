@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from learnedopt import LSTMOptimizer, UpdateNetworkConfig, UpdateNetworks, init_state, lstm_update
+from learnedopt.functional import IMPLEMENTATIONS
 from learnedopt.serialization import atomic_write
 
 from .tasks import Task, TaskFamily, resolve_family
@@ -99,7 +100,9 @@ class MetaTrainConfig:
         baselines: Baselines reported next to the learned optimizer.
         baseline_lrs: Learning-rate grid on which each baseline is tuned (best mean final loss).
         checkpoint_every: Outer steps between checkpoints.
-        impl: Implementation of the update (``"batched"``, ``"compiled"``: faster after compiling).
+        impl: Implementation of the update (see :func:`learnedopt.lstm_update`; ``"auto"``: the
+            fused native LSTM kernels where they can be built). A speed setting: it may change
+            between resumes.
         networks: Keyword arguments of :class:`learnedopt.UpdateNetworkConfig`.
         init_from: Start from these pretrained networks (a shipped name, a directory or a Hub
             repo id) instead of a random initialisation: fine-tunes an optimizer on a new family.
@@ -125,7 +128,7 @@ class MetaTrainConfig:
     baselines: list[str] = field(default_factory=lambda: ["adam", "rmsprop", "sgd", "nag"])
     baseline_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0])
     checkpoint_every: int = 50
-    impl: str = "batched"
+    impl: str = "auto"
     networks: dict[str, Any] = field(default_factory=dict)
     init_from: str = ""
 
@@ -145,8 +148,8 @@ class MetaTrainConfig:
         if not self.meta_lr > 0 or not self.grad_clip > 0:
             raise ValueError("meta_lr and grad_clip must be positive")
         UpdateNetworkConfig(**self.networks)  # validates the network settings early
-        if self.impl not in ("batched", "compiled", "reference"):
-            raise ValueError(f"impl must be 'batched', 'compiled' or 'reference', got {self.impl!r}")
+        if self.impl not in IMPLEMENTATIONS:
+            raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {self.impl!r}")
 
     def horizon_at(self, outer_step: int) -> int:
         """The horizon in force at ``outer_step`` (a multiple of ``unroll``)."""
@@ -179,7 +182,7 @@ def truncated_unroll(
     length: int,
     *,
     second_order: bool = False,
-    impl: str = "batched",
+    impl: str = "auto",
 ) -> tuple[Tensor, list[Tensor], list[dict[str, Tensor]]]:
     """Unroll ``length`` inner steps from step ``start``; return the summed loss along the way.
 
@@ -652,5 +655,5 @@ def _config_diff(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[
     # MetaTrainConfig after the checkpoint was written count at their defaults
     defaults = MetaTrainConfig().to_dict()
     saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
-    keys = (set(saved) | set(now)) - {"outer_steps"}
+    keys = (set(saved) | set(now)) - {"outer_steps", "impl"}
     return {k: (saved.get(k), now.get(k)) for k in sorted(keys) if saved.get(k) != now.get(k)}

@@ -308,5 +308,79 @@ extern "C" int64_t learnedopt_lstm_step(
     return nonfinite;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Pointwise part of one LSTM layer for meta-training (the gate matmuls stay in PyTorch/MKL, with
+// autograd). Rows are coordinates; G holds the (unscaled) gate pre-activations [i f g o].
+
+static inline float tanh_scalar(float x) {
+    x = x < -7.90531110763549805f ? -7.90531110763549805f : x;
+    x = x > 7.90531110763549805f ? 7.90531110763549805f : x;
+    const float x2 = x * x;
+    float p = -2.76076847742355e-16f;
+    p = p * x2 + 2.00018790482477e-13f;
+    p = p * x2 + -8.60467152213735e-11f;
+    p = p * x2 + 5.12229709037114e-08f;
+    p = p * x2 + 1.48572235717979e-05f;
+    p = p * x2 + 6.37261928875436e-04f;
+    p = p * x2 + 4.89352455891786e-03f;
+    float q = 1.19825839466702e-06f;
+    q = q * x2 + 1.18534705686654e-04f;
+    q = q * x2 + 2.26843463243900e-03f;
+    q = q * x2 + 4.89352518554385e-03f;
+    return p * x / q;
+}
+
+static inline float sigmoid_scalar(float x) { return 0.5f + 0.5f * tanh_scalar(0.5f * x); }
+
+// Forward: c = sigma(f) c_prev + sigma(i) tanh(g), h = sigma(o) tanh(c). Saves the activations
+// [sigma(i), sigma(f), tanh(g), sigma(o)] and tanh(c) for the backward pass. c_prev rows are
+// ldc floats apart (a slice of the packed state); everything else is dense.
+extern "C" void learnedopt_lstm_pointwise_fwd(const float* G, const float* c_prev, int64_t ldc, int64_t n,
+                                              int32_t H, float* h, float* c, float* act, float* tc) {
+    for (int64_t r = 0; r < n; r++) {
+        const float* g = G + r * 4 * H;
+        const float* cp = c_prev + r * ldc;
+        float* a = act + r * 4 * H;
+#pragma GCC ivdep
+        for (int u = 0; u < H; u++) {
+            const float ig = sigmoid_scalar(g[u]), fg = sigmoid_scalar(g[H + u]);
+            const float gg = tanh_scalar(g[2 * H + u]), og = sigmoid_scalar(g[3 * H + u]);
+            const float cn = fg * cp[u] + ig * gg;
+            const float t = tanh_scalar(cn);
+            a[u] = ig;
+            a[H + u] = fg;
+            a[2 * H + u] = gg;
+            a[3 * H + u] = og;
+            c[r * H + u] = cn;
+            tc[r * H + u] = t;
+            h[r * H + u] = og * t;
+        }
+    }
+}
+
+// Backward of the above: from dh, dc (either may be NULL: no gradient) to the gradients of the
+// gate pre-activations dG and of c_prev.
+extern "C" void learnedopt_lstm_pointwise_bwd(const float* dh, const float* dc, const float* act,
+                                              const float* c_prev, int64_t ldc, const float* tc, int64_t n,
+                                              int32_t H, float* dG, float* dc_prev) {
+    for (int64_t r = 0; r < n; r++) {
+        const float* a = act + r * 4 * H;
+        const float* cp = c_prev + r * ldc;
+        float* d = dG + r * 4 * H;
+#pragma GCC ivdep
+        for (int u = 0; u < H; u++) {
+            const float ig = a[u], fg = a[H + u], gg = a[2 * H + u], og = a[3 * H + u];
+            const float t = tc[r * H + u];
+            const float dhv = dh ? dh[r * H + u] : 0.0f;
+            const float dcv = (dc ? dc[r * H + u] : 0.0f) + dhv * og * (1.0f - t * t);
+            d[u] = dcv * gg * ig * (1.0f - ig);
+            d[H + u] = dcv * cp[u] * fg * (1.0f - fg);
+            d[2 * H + u] = dcv * ig * (1.0f - gg * gg);
+            d[3 * H + u] = dhv * t * og * (1.0f - og);
+            dc_prev[r * H + u] = dcv * fg;
+        }
+    }
+}
+
 // Lets Python check that the library it loaded matches the source it was built from.
-extern "C" int32_t learnedopt_abi_version() { return 1; }
+extern "C" int32_t learnedopt_abi_version() { return 2; }
