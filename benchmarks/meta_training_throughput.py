@@ -1,4 +1,4 @@
-"""Meta-training throughput: batched (stacked) tasks against a plain one-task-at-a-time loop.
+"""Meta-training throughput of each implementation against a plain reference written the obvious way.
 
 Usage::
 
@@ -7,9 +7,18 @@ Usage::
 
 Family: the paper's MLP (784-20-10, sigmoid, batch 128) on Fashion-MNIST. One outer step =
 one truncation of ``--unroll`` inner steps on each of ``--tasks`` tasks, meta-loss backward
-included. Reports unrolled inner steps per second for both, their ratio, the largest relative
-difference between the two meta-gradients, and peak memory (max RSS) of one truncation against
-the unroll length and of a whole horizon (memory stays bounded in the horizon).
+included. Variants, all timed interleaved in one process:
+
+- ``reference``: the obvious way: one task after the other, the textbook LSTM cell per tensor
+  (``impl="reference"``: separate input/recurrent matmuls, one PyTorch op per gate);
+- ``batched``: one task at a time, one LSTM call per role in PyTorch ops (``impl="batched"``);
+- ``native``: one task at a time, fused LSTM pointwise kernel forward and backward
+  (``impl="native"``, what the trainer uses by default);
+- ``stacked``: all tasks stacked into one (``StackedMLPTask``) on the native path.
+
+Reports unrolled inner steps per second, the ratio to ``reference``, the largest relative
+difference of each meta-gradient from the reference's, and peak memory (max RSS) of one
+truncation against the unroll length and of a whole horizon (bounded in the horizon).
 """
 
 from __future__ import annotations
@@ -38,21 +47,29 @@ def sample_tasks(n: int, data_dir: str | None, seed: int = 0):
     return tasks, scales
 
 
-def plain_meta_gradient(nets, tasks, scales, unroll):
-    """The obvious way: one task after the other, each unrolled and backpropagated on its own."""
+def plain_meta_gradient(nets, tasks, scales, unroll, impl):
+    """One task after the other, each unrolled and backpropagated on its own."""
     for task, scale in zip(tasks, scales):
         params = task.init_params()
         roles = [nets.resolve_role(None, p) for p in params]
-        loss, _, _ = truncated_unroll(nets, task, params, None, roles, 0, unroll)
+        loss, _, _ = truncated_unroll(nets, task, params, None, roles, 0, unroll, impl=impl)
         (loss / scale).backward()
 
 
-def batched_meta_gradient(nets, tasks, scales, unroll):
+def stacked_meta_gradient(nets, tasks, scales, unroll, impl="native"):
     stacked = StackedMLPTask(tasks, scales)
     params = stacked.init_params()
     roles = [nets.resolve_role(None, p[0]) for p in params]
-    loss, _, _ = truncated_unroll(nets, stacked, params, None, roles, 0, unroll)
+    loss, _, _ = truncated_unroll(nets, stacked, params, None, roles, 0, unroll, impl=impl)
     loss.backward()
+
+
+VARIANTS = {
+    "reference": lambda *a: plain_meta_gradient(*a, impl="reference"),
+    "batched": lambda *a: plain_meta_gradient(*a, impl="batched"),
+    "native": lambda *a: plain_meta_gradient(*a, impl="native"),
+    "stacked": stacked_meta_gradient,
+}
 
 
 def grads_of(nets):
@@ -63,31 +80,27 @@ def measure(args) -> dict:
     torch.manual_seed(0)
     nets = UpdateNetworks(UpdateNetworkConfig(roles=["dense", "bias"]))
     tasks, scales = sample_tasks(args.tasks, args.data_dir)
-    # same meta-gradient?
-    nets.zero_grad()
-    plain_meta_gradient(nets, tasks, scales, args.unroll)
-    g_plain = grads_of(nets).clone()
-    nets.zero_grad()
-    batched_meta_gradient(nets, tasks, scales, args.unroll)
-    g_batched = grads_of(nets).clone()
-    rel = float((g_plain - g_batched).abs().max() / g_plain.abs().max())
-    timings = {"plain": [], "batched": []}
-    for _ in range(args.reps):  # interleaved, so noise hits both alike
-        for name, fn in (("plain", plain_meta_gradient), ("batched", batched_meta_gradient)):
+    grads = {}
+    for name, fn in VARIANTS.items():  # same meta-gradient? (also warms every path up)
+        nets.zero_grad()
+        fn(nets, tasks, scales, args.unroll)
+        grads[name] = grads_of(nets).clone()
+    ref = grads["reference"]
+    timings: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for _ in range(args.reps):  # interleaved, so noise hits all alike
+        for name, fn in VARIANTS.items():
             nets.zero_grad()
             t0 = time.perf_counter()
             fn(nets, tasks, scales, args.unroll)
             timings[name].append(time.perf_counter() - t0)
     inner = args.tasks * args.unroll
-    plain_sps = inner / min(timings["plain"])
-    batched_sps = inner / min(timings["batched"])
+    rates = {name: inner / min(t) for name, t in timings.items()}
     return {
         "tasks": args.tasks,
         "unroll": args.unroll,
-        "plain_inner_steps_per_s": round(plain_sps, 1),
-        "batched_inner_steps_per_s": round(batched_sps, 1),
-        "ratio": round(batched_sps / plain_sps, 2),
-        "meta_gradient_max_rel_diff": rel,
+        "inner_steps_per_s": {k: round(v, 1) for k, v in rates.items()},
+        "ratio_to_reference": {k: round(v / rates["reference"], 2) for k, v in rates.items()},
+        "meta_gradient_max_rel_diff": {k: float((g - ref).abs().max() / ref.abs().max()) for k, g in grads.items()},
     }
 
 
@@ -119,7 +132,7 @@ def peak_memory_child(unroll: int, horizon: int, tasks: int, data_dir: str | Non
     sampler.start()
     states = None
     for start in range(0, horizon, unroll):  # truncations: detach between them
-        loss, params, states = truncated_unroll(nets, stacked, params, states, roles, start, unroll)
+        loss, params, states = truncated_unroll(nets, stacked, params, states, roles, start, unroll, impl="native")
         loss.backward()
         params = [p.detach() for p in params]
         states = [{k: v.detach() for k, v in s.items()} for s in states]
@@ -152,10 +165,11 @@ def main() -> None:
                "torch": torch.__version__}
     print(f"machine: {machine}")
     print(f"MLP 784-20-10 sigmoid, batch 128, {args.tasks} tasks x {args.unroll}-step truncation, backward included")
-    print(f"  plain loop : {result['plain_inner_steps_per_s']:8.1f} inner steps/s")
-    print(f"  batched    : {result['batched_inner_steps_per_s']:8.1f} inner steps/s  ({result['ratio']}x)")
-    print(f"  meta-gradients agree to {result['meta_gradient_max_rel_diff']:.1e} (max abs diff / max abs)")
-    print("peak memory growth (RSS sampled every 2 ms) of batched meta-training:")
+    for name in VARIANTS:
+        print(f"  {name:<10}: {result['inner_steps_per_s'][name]:8.1f} inner steps/s  "
+              f"({result['ratio_to_reference'][name]:.2f}x reference; meta-gradient rel. diff "
+              f"{result['meta_gradient_max_rel_diff'][name]:.1e})")
+    print("peak memory growth (RSS sampled every 2 ms) of stacked meta-training (native):")
     for m in memory:
         print(f"  unroll {m['unroll']:>3}, horizon {m['horizon']:>3}: {m['peak_growth_mb']:8.1f} MB")
     if args.json:

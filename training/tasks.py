@@ -528,9 +528,10 @@ def _default_mix(data_dir: str | None = None) -> MixtureFamily:
     )
 
 
-def _default_mix_wide(data_dir: str | None = None) -> MixtureFamily:
+def _default_mix_wide(data_dir: str | None = None, rescale_probability: float = 0.5) -> TaskFamily:
     """``default-mix`` widened: LayerNorm MLPs, regression, small conv nets, batch sizes 32-256,
-    GELU, and half of all tasks rescaled per tensor by up to 10x either way (task augmentation)."""
+    GELU, and a share ``rescale_probability`` of all tasks rescaled per tensor by up to 10x either
+    way (task augmentation)."""
     mix = MixtureFamily(
         [
             QuadraticFamily(),
@@ -545,7 +546,9 @@ def _default_mix_wide(data_dir: str | None = None) -> MixtureFamily:
         weights=[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5],
         name="default-mix-wide",
     )
-    return RescaledFamily(mix, probability=0.5, log10_range=1.0, name="default-mix-wide")
+    if not rescale_probability:
+        return mix
+    return RescaledFamily(mix, probability=rescale_probability, log10_range=1.0, name="default-mix-wide")
 
 
 #: Built-in task families by name. Each is called with the family's keyword arguments (and
