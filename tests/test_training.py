@@ -162,3 +162,56 @@ def test_second_order_meta_gradient_differs_and_is_finite() -> None:
         grads[order] = torch.cat([w.grad.reshape(-1) for w in nets.parameters()])
     assert torch.isfinite(grads[True]).all()
     assert not torch.allclose(grads[False], grads[True])
+
+
+def _small_mlp_config(**overrides) -> MetaTrainConfig:
+    settings = dict(task_family="mlp-synthetic", outer_steps=3, meta_batch=4, horizon=10, unroll=5, seed=0,
+                    eval_every=0, eval_tasks=1, baseline_lrs=[0.1], baselines=["adam"],
+                    family_kwargs={"hidden": [[8]], "activations": ["tanh"], "synthetic_dims": [12], "batch_sizes": [16]},
+                    networks={"roles": ["dense", "bias"], "hidden_size": 6})
+    settings.update(overrides)
+    return MetaTrainConfig(**settings)
+
+
+def test_stacked_slots_give_the_same_training(tmp_path: Path) -> None:
+    """Slots of one MLP architecture are unrolled as one stacked task: same weights as one by one."""
+    stacked_trainer = MetaTrainer(_small_mlp_config(), tmp_path / "stacked", progress=False)
+    stacked = stacked_trainer.run()
+    assert [len(g) for g in stacked_trainer._stack_groups()] == [4]
+    alone_trainer = MetaTrainer(_small_mlp_config(stack_tasks=False), tmp_path / "alone", progress=False)
+    alone = alone_trainer.run()
+    assert [len(g) for g in alone_trainer._stack_groups()] == [1, 1, 1, 1]
+    for a, b in zip(stacked.parameters(), alone.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_init_from_fine_tunes_pretrained_networks(tmp_path: Path) -> None:
+    start = UpdateNetworks(UpdateNetworkConfig(roles=["dense", "bias"], hidden_size=6))
+    start.save_pretrained(tmp_path / "start")
+    config = _small_mlp_config(outer_steps=1, networks={}, init_from=str(tmp_path / "start"), meta_lr=1e-12)
+    tuned = MetaTrainer(config, tmp_path / "run", progress=False).run()
+    assert tuned.config.hidden_size == 6 and tuned.roles == ["dense", "bias"]
+    for a, b in zip(start.parameters(), tuned.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)  # a 1e-12 learning rate barely moves them
+    clash = _small_mlp_config(init_from=str(tmp_path / "start"), networks={"hidden_size": 8})
+    with pytest.raises(ValueError, match="different architecture.*hidden_size"):
+        MetaTrainer(clash, tmp_path / "clash", progress=False).run()
+
+
+def test_norm_and_rescaled_families() -> None:
+    from learnedopt.training.tasks import NormMLPFamily, RescaledFamily, RescaledTask
+
+    generator = torch.Generator().manual_seed(0)
+    family = NormMLPFamily("synthetic", objective=["regression"], norms=["layer"], hidden=[[8]])
+    task = family.sample(generator)
+    params = task.init_params()
+    assert [p.dim() for p in params] == [2, 1, 1, 1, 2, 1]  # linear, LayerNorm scale and shift, linear
+    assert torch.isfinite(task.loss(params, 0)) and task.loss(params, 0) > 0
+    rescaled = RescaledTask(task, [10.0] * len(params))
+    phi = rescaled.init_params()
+    torch.testing.assert_close(rescaled.loss(phi, 3), task.loss(params, 3))  # the same problem
+    torch.testing.assert_close(phi[0] * 10, params[0])
+    always = RescaledFamily(family, probability=1.0, log10_range=1.0)
+    assert isinstance(always.sample(generator), RescaledTask)
+    with pytest.raises(ValueError, match="objective"):
+        NormMLPFamily(objective=["ranking"])

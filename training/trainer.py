@@ -35,7 +35,8 @@ from learnedopt import LSTMOptimizer, UpdateNetworkConfig, UpdateNetworks, init_
 from learnedopt.functional import IMPLEMENTATIONS
 from learnedopt.serialization import atomic_write
 
-from .tasks import Task, TaskFamily, resolve_family
+from .batched import StackedMLPTask
+from .tasks import MLPTask, Task, TaskFamily, resolve_family
 
 __all__ = [
     "MetaTrainConfig",
@@ -104,6 +105,9 @@ class MetaTrainConfig:
             fused native LSTM kernels where they can be built). A speed setting: it may change
             between resumes.
         networks: Keyword arguments of :class:`learnedopt.UpdateNetworkConfig`.
+        stack_tasks: Unroll slots whose tasks are MLPs of one architecture, at the same inner step,
+            as one stacked task (:class:`~learnedopt.training.batched.StackedMLPTask`): the same
+            meta-gradient, in fewer and larger operations. A speed setting (first order only).
         init_from: Start from these pretrained networks (a shipped name, a directory or a Hub
             repo id) instead of a random initialisation: fine-tunes an optimizer on a new family.
             Its architecture is used; ``networks`` may only repeat it.
@@ -130,6 +134,7 @@ class MetaTrainConfig:
     checkpoint_every: int = 50
     impl: str = "auto"
     networks: dict[str, Any] = field(default_factory=dict)
+    stack_tasks: bool = True
     init_from: str = ""
 
     def __post_init__(self) -> None:
@@ -436,6 +441,41 @@ class MetaTrainer:
         params = slot.task.init_params()
         slot.roles = [self.networks.resolve_role(r, p) for r, p in zip(slot.task.roles, params)]
 
+    def _stack_groups(self) -> list[list[_Slot]]:
+        """Slots unrolled together: same-architecture MLP tasks at the same step share one unroll."""
+        groups: dict[tuple, list[_Slot]] = {}
+        for slot in self.slots:
+            groups.setdefault(_stack_key(slot, self.config), []).append(slot)
+        return list(groups.values())
+
+    def _unroll_group(self, group: list[_Slot]) -> tuple[Tensor, list[tuple[_Slot, list[Tensor], list[dict[str, Tensor]]]]]:
+        """One truncation of a group of slots; the meta-loss (normalised per task) and each slot's
+        new parameters and states."""
+        config = self.config
+        norm = config.unroll * config.meta_batch
+        if len(group) == 1:
+            slot = group[0]
+            loss, params, states = truncated_unroll(
+                self.networks, slot.task, slot.params, slot.states, slot.roles, slot.step, config.unroll,
+                second_order=config.second_order, impl=config.impl,
+            )
+            return loss / (slot.scale * norm), [(slot, params, states)]
+        stacked = StackedMLPTask([s.task for s in group], [s.scale for s in group])
+        params = [torch.stack(ps) for ps in zip(*(s.params for s in group))]
+        states = None
+        if group[0].states is not None:
+            states = [{k: torch.cat([s.states[i][k] for s in group]) for k in group[0].states[i]}
+                      for i in range(len(params))]
+        # the meta-loss term of a stacked task is already sum_b loss_b / scale_b
+        loss, params, states = truncated_unroll(
+            self.networks, stacked, params, states, group[0].roles, group[0].step, config.unroll, impl=config.impl,
+        )
+        per_slot = []
+        for b, slot in enumerate(group):
+            slot_states = [{k: v.chunk(len(group))[b] for k, v in st.items()} for st in states]
+            per_slot.append((slot, [p[b] for p in params], slot_states))
+        return loss / norm, per_slot
+
     # ------------------------------------------------------------------ checkpointing
     def _checkpoint(self, outer: int) -> dict[str, Any]:
         return {
@@ -599,18 +639,14 @@ class MetaTrainer:
         total = 0.0
         results = []
         bad = False
-        for slot in self.slots:
-            loss, params, states = truncated_unroll(
-                self.networks, slot.task, slot.params, slot.states, slot.roles, slot.step, config.unroll,
-                second_order=config.second_order, impl=config.impl,
-            )
-            loss = loss / (slot.scale * config.unroll * config.meta_batch)
+        for group in self._stack_groups():
+            loss, per_slot = self._unroll_group(group)
             if not torch.isfinite(loss):
                 bad = True
                 break
             loss.backward()
             total += float(loss.detach())
-            results.append((params, states))
+            results.extend(per_slot)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.networks.parameters()]
         bad = self.dist.any(bad or not all(torch.isfinite(g).all() for g in grads))
         if bad:
@@ -639,9 +675,11 @@ class MetaTrainer:
                 offset += p.numel()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.networks.parameters(), config.grad_clip)
         self.meta_opt.step()
-        for slot, (params, states) in zip(self.slots, results):
-            slot.params = [p.detach() for p in params]
-            slot.states = [{k: v.detach() for k, v in s.items()} for s in states]
+        for slot, params, states in results:
+            # clones: a stacked group's results are views of one tensor, which checkpoints would
+            # otherwise save whole once per slot
+            slot.params = [p.detach().clone() for p in params]
+            slot.states = [{k: v.detach().clone() for k, v in s.items()} for s in states]
             slot.step += config.unroll
             if slot.step >= horizon:
                 self._new_task(slot)
@@ -650,10 +688,17 @@ class MetaTrainer:
                    "horizon": horizon, "elapsed_s": round(time.time() - started, 2)})
 
 
+def _stack_key(slot: _Slot, config: MetaTrainConfig) -> tuple:
+    task = slot.task
+    if config.stack_tasks and not config.second_order and type(task) is MLPTask:
+        return ("mlp", tuple(task.sizes), task.activation, task.batch_size, slot.step)
+    return ("alone", slot.index)
+
+
 def _config_diff(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     # outer_steps may grow on resume (continue training for longer); settings added to
     # MetaTrainConfig after the checkpoint was written count at their defaults
     defaults = MetaTrainConfig().to_dict()
     saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
-    keys = (set(saved) | set(now)) - {"outer_steps", "impl"}
+    keys = (set(saved) | set(now)) - {"outer_steps", "impl", "stack_tasks"}
     return {k: (saved.get(k), now.get(k)) for k in sorted(keys) if saved.get(k) != now.get(k)}
