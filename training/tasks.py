@@ -47,6 +47,11 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
+def _choice(options: Sequence, generator: torch.Generator):
+    """One of ``options``, drawn uniformly with ``generator``."""
+    return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+
 class Task:
     """One optimization problem.
 
@@ -225,19 +230,16 @@ class MLPFamily(TaskFamily):
             if act not in ACTIVATIONS:
                 raise ValueError(f"unknown activation {act!r}; known: {sorted(ACTIVATIONS)}")
 
-    def _choice(self, options: Sequence, generator: torch.Generator):
-        return options[int(torch.randint(len(options), (1,), generator=generator))]
-
     def sample(self, generator: torch.Generator) -> MLPTask:
-        hidden = list(self._choice(self.hidden, generator))
-        activation = self._choice(self.activations, generator)
-        batch_size = self._choice(self.batch_sizes, generator)
+        hidden = list(_choice(self.hidden, generator))
+        activation = _choice(self.activations, generator)
+        batch_size = _choice(self.batch_sizes, generator)
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
         if self.dataset == "fashion_mnist":
             x, y = load_fashion_mnist("train", self.data_dir, self.download)
             dim, classes = 784, 10
         else:
-            dim = self._choice(self.synthetic_dims, generator)
+            dim = _choice(self.synthetic_dims, generator)
             classes = 10
             x, y = synthetic_classification(generator, 4096, dim, classes)
         # a fixed random subset for the reported (full-batch) loss keeps evaluation cheap
@@ -342,8 +344,7 @@ class ConvFamily(TaskFamily):
     name: str = "conv"
 
     def sample(self, generator: torch.Generator) -> ModuleTask:
-        c = self.channels[int(torch.randint(len(self.channels), (1,), generator=generator))]
-        batch_size = self.batch_sizes[int(torch.randint(len(self.batch_sizes), (1,), generator=generator))]
+        c, batch_size = _choice(self.channels, generator), _choice(self.batch_sizes, generator)
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
         if self.dataset == "fashion_mnist":
             x, y = _pooled_fashion_mnist(self.image_size, self.data_dir, self.download)
@@ -409,7 +410,7 @@ class NormMLPFamily(TaskFamily):
 
     def sample(self, generator: torch.Generator) -> ModuleTask:
         def choice(options):
-            return options[int(torch.randint(len(options), (1,), generator=generator))]
+            return _choice(options, generator)
 
         objective, norm, hidden = choice(self.objective), choice(self.norms), list(choice(self.hidden))
         activation, batch_size = choice(self.activations), choice(self.batch_sizes)

@@ -332,6 +332,14 @@ static inline float tanh_scalar(float x) {
 
 static inline float sigmoid_scalar(float x) { return 0.5f + 0.5f * tanh_scalar(0.5f * x); }
 
+#if defined(__AVX512F__)
+// Rows are processed 16 units at a time; the last partial block of a row uses masked loads and
+// stores, so no scalar tail (scalar divisions in the tail cost more than the vector body).
+static inline vf load_m(const float* p, __mmask16 m) { return (vf)_mm512_maskz_loadu_ps(m, p); }
+static inline void store_m(float* p, __mmask16 m, vf v) { _mm512_mask_storeu_ps(p, m, (__m512)v); }
+static inline __mmask16 lanes(int k) { return k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << k) - 1u); }
+#endif
+
 // Forward: c = sigma(f) c_prev + sigma(i) tanh(g), h = sigma(o) tanh(c). Saves the activations
 // [sigma(i), sigma(f), tanh(g), sigma(o)] and tanh(c) for the backward pass. c_prev rows are
 // ldc floats apart (a slice of the packed state); everything else is dense.
@@ -341,7 +349,24 @@ extern "C" void learnedopt_lstm_pointwise_fwd(const float* G, const float* c_pre
         const float* g = G + r * 4 * H;
         const float* cp = c_prev + r * ldc;
         float* a = act + r * 4 * H;
-#pragma GCC ivdep
+#if defined(__AVX512F__)
+        for (int u = 0; u < H; u += 16) {
+            const __mmask16 m = lanes(H - u);
+            const vf ig = 0.5f + 0.5f * vtanh(0.5f * load_m(g + u, m));
+            const vf fg = 0.5f + 0.5f * vtanh(0.5f * load_m(g + H + u, m));
+            const vf gg = vtanh(load_m(g + 2 * H + u, m));
+            const vf og = 0.5f + 0.5f * vtanh(0.5f * load_m(g + 3 * H + u, m));
+            const vf cn = fg * load_m(cp + u, m) + ig * gg;
+            const vf t = vtanh(cn);
+            store_m(a + u, m, ig);
+            store_m(a + H + u, m, fg);
+            store_m(a + 2 * H + u, m, gg);
+            store_m(a + 3 * H + u, m, og);
+            store_m(c + r * H + u, m, cn);
+            store_m(tc + r * H + u, m, t);
+            store_m(h + r * H + u, m, og * t);
+        }
+#else
         for (int u = 0; u < H; u++) {
             const float ig = sigmoid_scalar(g[u]), fg = sigmoid_scalar(g[H + u]);
             const float gg = tanh_scalar(g[2 * H + u]), og = sigmoid_scalar(g[3 * H + u]);
@@ -355,6 +380,7 @@ extern "C" void learnedopt_lstm_pointwise_fwd(const float* G, const float* c_pre
             tc[r * H + u] = t;
             h[r * H + u] = og * t;
         }
+#endif
     }
 }
 
@@ -367,7 +393,21 @@ extern "C" void learnedopt_lstm_pointwise_bwd(const float* dh, const float* dc, 
         const float* a = act + r * 4 * H;
         const float* cp = c_prev + r * ldc;
         float* d = dG + r * 4 * H;
-#pragma GCC ivdep
+#if defined(__AVX512F__)
+        for (int u = 0; u < H; u += 16) {
+            const __mmask16 m = lanes(H - u);
+            const vf ig = load_m(a + u, m), fg = load_m(a + H + u, m);
+            const vf gg = load_m(a + 2 * H + u, m), og = load_m(a + 3 * H + u, m);
+            const vf t = load_m(tc + r * H + u, m);
+            const vf dhv = dh ? load_m(dh + r * H + u, m) : splat(0.0f);
+            const vf dcv = (dc ? load_m(dc + r * H + u, m) : splat(0.0f)) + dhv * og * (1.0f - t * t);
+            store_m(d + u, m, dcv * gg * ig * (1.0f - ig));
+            store_m(d + H + u, m, dcv * load_m(cp + u, m) * fg * (1.0f - fg));
+            store_m(d + 2 * H + u, m, dcv * ig * (1.0f - gg * gg));
+            store_m(d + 3 * H + u, m, dhv * t * og * (1.0f - og));
+            store_m(dc_prev + r * H + u, m, dcv * fg);
+        }
+#else
         for (int u = 0; u < H; u++) {
             const float ig = a[u], fg = a[H + u], gg = a[2 * H + u], og = a[3 * H + u];
             const float t = tc[r * H + u];
@@ -379,6 +419,7 @@ extern "C" void learnedopt_lstm_pointwise_bwd(const float* dh, const float* dc, 
             d[3 * H + u] = dhv * t * og * (1.0f - og);
             dc_prev[r * H + u] = dcv * fg;
         }
+#endif
     }
 }
 
