@@ -26,6 +26,7 @@
 #define RB 8  // gate rows per register block
 
 typedef float vf __attribute__((vector_size(TILE * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(TILE * sizeof(int32_t))));
 
 static inline vf splat(float x) { return vf{} + x; }
 
@@ -52,7 +53,6 @@ static inline vf vrecip(vf q) {
 
 // Transposes a 16 x 16 block held as 16 vectors, in place: four butterfly rounds, each swapping one
 // bit of the row index with the same bit of the lane index.
-typedef int32_t vi __attribute__((vector_size(TILE * sizeof(int32_t))));
 
 template <int S>
 static inline void butterfly(vf* rows, vi lo, vi hi) {
@@ -112,11 +112,48 @@ static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as to
 
 // b * m + (1 - b) * g rounded after each operation, as PyTorch's separate tensor ops do: a fused
 // multiply-add here would differ from the reference in the last bits, and running means of
-// gradients that cancel amplify that into visibly different features.
-__attribute__((noinline, optimize("fp-contract=off"))) static float ema(float b, float m, float g) {
-    const float kept = b * m;
-    const float added = (1.0f - b) * g;
+// gradients that cancel amplify that into visibly different features. (16 lanes at a time.)
+__attribute__((noinline, optimize("fp-contract=off"))) static vf vema(float b, vf m, vf g) {
+    const vf kept = b * m;
+    const vf added = (1.0f - b) * g;
     return kept + added;
+}
+
+static inline vf vabs(vf x) { return (vf)((vi)x & 0x7fffffff); }
+
+static inline vf vsqrt(vf x) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_sqrt_ps((__m512)x);
+#else
+    for (int t = 0; t < TILE; t++) x[t] = std::sqrt(x[t]);
+    return x;
+#endif
+}
+
+// Natural log of positive finite x (Cephes logf: x = 2^e m with m in [sqrt(1/2), sqrt(2)), a
+// degree-9 polynomial in m - 1, ln 2 split in two for accuracy); about 1 ulp.
+static inline vf vlog(vf x) {
+    const vi bits = (vi)x;
+    vi e = ((bits >> 23) & 0xff) - 126;
+    vf m = (vf)((bits & 0x007fffff) | 0x3f000000);  // [0.5, 1)
+    const vi small = m < 0.70710678118654752f;
+    e = small ? e - 1 : e;
+    m = small ? m + m - 1.0f : m - 1.0f;
+    const vf z = m * m;
+    vf y = splat(7.0376836292e-2f);
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z;
+    const vf ef = __builtin_convertvector(e, vf);
+    y = y + ef * -2.12194440e-4f;
+    y = y - 0.5f * z;
+    return m + y + ef * 0.693359375f;
 }
 
 enum Feature { GRAD_LOGSIGN = 0, GRAD_RMS = 1, MOMENTUM_RMS = 2 };
@@ -156,59 +193,47 @@ extern "C" int64_t learnedopt_lstm_step(
     uint16_t* lstm16 = (uint16_t*)lstm;
     const float p = a->preprocess_p, thresh = std::exp(-p), expp = std::exp(p), clip = a->feature_clip;
     int64_t nonfinite = 0;
-    float nm[64];  // new running means of one coordinate (num_moments <= 64, checked in Python)
+    vf mv[64];  // the tile's running moments, transposed (num_moments <= 64, checked in Python)
 
     for (int64_t i0 = 0; i0 < n; i0 += TILE) {
         const int cnt = (int)((n - i0) < TILE ? (n - i0) : TILE);
         uint32_t finite_mask = 0;
-        // ---- moments and features, one coordinate at a time (scalar, cheap next to the LSTM)
-        for (int t = 0; t < TILE; t++) {
-            float g = 0.0f;
-            bool fin = false;
-            if (t < cnt) {
-                g = grad[i0 + t];
-                fin = std::isfinite(g);
-                if (!fin) { g = 0.0f; nonfinite++; }
-            }
-            if (fin) finite_mask |= 1u << t;
-            float rms = 1.0f;
-            if (M) {
-                float* mom = moments + (i0 + t) * M;
-                float v = 0.0f;
-                if (t < cnt) {
-                    for (int k = 0; k < M - 1; k++) nm[k] = ema(a->betas[k], mom[k], g);
-                    v = ema(a->rms_beta, mom[M - 1], g * g);
-                    if (fin) {
-                        for (int k = 0; k < M - 1; k++) mom[k] = nm[k];
-                        mom[M - 1] = v;
-                    }
-                } else {
-                    for (int k = 0; k < M - 1; k++) nm[k] = 0.0f;
+        // ---- moments and features, lanes = the tile's coordinates
+        vf g = splat(0.0f);
+        std::memcpy(&g, grad + i0, (size_t)cnt * sizeof(float));  // lanes past the end stay 0
+        const vi fin = (g == g) & (vabs(g) < INFINITY);
+        g = fin ? g : splat(0.0f);
+        for (int t = 0; t < cnt; t++)
+            if (fin[t]) finite_mask |= 1u << t;
+        nonfinite += cnt - __builtin_popcount(finite_mask);
+        vf rms = splat(1.0f);
+        if (M) {
+            for (int k = 0; k < M; k++) mv[k] = splat(0.0f);
+            for (int t = 0; t < cnt; t++)
+                for (int k = 0; k < M; k++) mv[k][t] = moments[(i0 + t) * M + k];
+            for (int k = 0; k < M - 1; k++) mv[k] = vema(a->betas[k], mv[k], g);
+            mv[M - 1] = vema(a->rms_beta, mv[M - 1], g * g);
+            for (int t = 0; t < cnt; t++)
+                if ((finite_mask >> t) & 1u)
+                    for (int k = 0; k < M; k++) moments[(i0 + t) * M + k] = mv[k][t];
+            rms = vsqrt(mv[M - 1]) + a->rms_eps;
+        }
+        int col = 0;
+        for (int f = 0; f < a->num_features; f++) {
+            switch (a->features[f]) {
+                case GRAD_LOGSIGN: {
+                    const vf ab = vabs(g);
+                    const vi big = ab >= thresh;
+                    Z[col++] = big ? vlog(ab) / p : splat(-1.0f);
+                    const vf sign = (g > 0.0f ? splat(1.0f) : splat(0.0f)) - (g < 0.0f ? splat(1.0f) : splat(0.0f));
+                    Z[col++] = big ? sign : g * expp;
+                    break;
                 }
-                rms = std::sqrt(v) + a->rms_eps;
-            }
-            int col = 0;
-            for (int f = 0; f < a->num_features; f++) {
-                switch (a->features[f]) {
-                    case GRAD_LOGSIGN: {
-                        const float ab = std::fabs(g);
-                        const bool big = ab >= thresh;
-                        Zf[(col++) * TILE + t] = big ? std::log(ab) / p : -1.0f;
-                        Zf[(col++) * TILE + t] = big ? (float)((g > 0) - (g < 0)) : g * expp;
-                        break;
-                    }
-                    case GRAD_RMS: {
-                        float r = g / rms;
-                        Zf[(col++) * TILE + t] = r < -clip ? -clip : (r > clip ? clip : r);
-                        break;
-                    }
-                    default: {  // MOMENTUM_RMS
-                        for (int k = 0; k < M - 1; k++) {
-                            float r = nm[k] / rms;
-                            Zf[(col++) * TILE + t] = r < -clip ? -clip : (r > clip ? clip : r);
-                        }
-                    }
-                }
+                case GRAD_RMS:
+                    Z[col++] = vclamp(g / rms, -clip, clip);
+                    break;
+                default:  // MOMENTUM_RMS
+                    for (int k = 0; k < M - 1; k++) Z[col++] = vclamp(mv[k] / rms, -clip, clip);
             }
         }
         // ---- load the tile's LSTM state, transposed (lanes = coordinates)
