@@ -22,7 +22,12 @@ FORMAT_VERSION = 1
 #:   ``[-feature_clip, feature_clip]`` (1 input; invariant to the loss's scale).
 #: - ``momentum_rms``: for each ``beta`` in ``momentum_betas``, the bias-corrected running mean of
 #:   the gradient divided by the root of the running second moment, clipped (1 input per beta).
-FEATURES = {"grad_logsign": 2, "grad_rms": 1, "momentum_rms": None}
+#: - ``tensor_rms``: the gradient and each running mean divided by the tensor's RMS gradient (the
+#:   root of the mean, over the tensor, of the running second moment before this step), clipped
+#:   (1 + one per beta inputs). Invariant to the loss's scale, like ``*_rms``, but it keeps the
+#:   relative sizes of a tensor's coordinates, so an update can be proportional to the gradient
+#:   (SGD/momentum-like) instead of to its sign (Adam-like).
+FEATURES = {"grad_logsign": 2, "grad_rms": 1, "momentum_rms": None, "tensor_rms": None}
 
 
 #: Names an ``UpdateNetworks`` module already uses; a role cannot take them.
@@ -89,20 +94,25 @@ class UpdateNetworkConfig:
         """Number of inputs per coordinate that the configured features produce."""
         n = 0
         for name in self.features:
-            n += len(self.momentum_betas) if name == "momentum_rms" else FEATURES[name]
+            if name == "momentum_rms":
+                n += len(self.momentum_betas)
+            elif name == "tensor_rms":
+                n += 1 + len(self.momentum_betas)
+            else:
+                n += FEATURES[name]
         return n
 
     @property
     def uses_moments(self) -> bool:
         """Whether the features need the running gradient moments kept in the state."""
-        return any(name in ("grad_rms", "momentum_rms") for name in self.features)
+        return any(name in ("grad_rms", "momentum_rms", "tensor_rms") for name in self.features)
 
     @property
     def num_moments(self) -> int:
         """Per-coordinate moment buffers kept in the state: the means, then the second moment."""
         if not self.uses_moments:
             return 0
-        means = len(self.momentum_betas) if "momentum_rms" in self.features else 0
+        means = len(self.momentum_betas) if {"momentum_rms", "tensor_rms"} & set(self.features) else 0
         return means + 1
 
     def architecture(self) -> dict[str, Any]:

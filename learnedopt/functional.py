@@ -35,7 +35,7 @@ from torch import Tensor
 from .config import UpdateNetworkConfig
 from .network import UpdateNetwork, UpdateNetworks
 
-__all__ = ["init_state", "compute_features", "lstm_update", "IMPLEMENTATIONS"]
+__all__ = ["init_state", "compute_features", "tensor_rms", "lstm_update", "IMPLEMENTATIONS"]
 
 IMPLEMENTATIONS = ("auto", "batched", "compiled", "native", "reference")
 
@@ -86,8 +86,20 @@ def _update_moments(g: Tensor, moments: Tensor, config: UpdateNetworkConfig) -> 
     return betas * moments + (1 - betas) * target
 
 
-def compute_features(g: Tensor, moments: Tensor | None, config: UpdateNetworkConfig) -> Tensor:
-    """Input features ``(N, config.input_size)`` from flat gradients ``g`` and *updated* moments."""
+def tensor_rms(state: State, config: UpdateNetworkConfig) -> Tensor:
+    """The ``tensor_rms`` feature's divisor for one tensor: the root of the mean of its running
+    second moment (as stored, i.e. before this step's update) plus ``rms_eps``; a 0-d tensor."""
+    v = state["moments"][:, -1]
+    if v.numel() == 0:
+        return v.new_ones(())
+    return v.mean().sqrt() + config.rms_eps
+
+
+def compute_features(
+    g: Tensor, moments: Tensor | None, config: UpdateNetworkConfig, tensor_scale: Tensor | None = None
+) -> Tensor:
+    """Input features ``(N, config.input_size)`` from flat gradients ``g`` and *updated* moments;
+    ``tensor_scale`` (``(N,)``: :func:`tensor_rms` of each coordinate's tensor) for ``tensor_rms``."""
     cols: list[Tensor] = []
     rms = None
     if config.uses_moments:
@@ -108,6 +120,12 @@ def compute_features(g: Tensor, moments: Tensor | None, config: UpdateNetworkCon
         elif name == "momentum_rms":
             means = len(config.momentum_betas)
             cols.extend((moments[:, :means] / rms[:, None]).clamp(-clip, clip).unbind(1))
+        elif name == "tensor_rms":
+            if tensor_scale is None:
+                raise ValueError("feature 'tensor_rms' needs tensor_scale (see learnedopt.functional.tensor_rms)")
+            means = len(config.momentum_betas)
+            cols.append((g / tensor_scale).clamp(-clip, clip))
+            cols.extend((moments[:, :means] / tensor_scale[:, None]).clamp(-clip, clip).unbind(1))
         else:  # validated by the config; kept for safety against hand-edited configs
             raise ValueError(f"unknown feature {name!r}")
     return torch.stack(cols, dim=1)
@@ -122,6 +140,7 @@ def _coordinate_step(
     *,
     reference: bool,
     pointwise: str = "torch",
+    tensor_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Update direction and new state for flat coordinates; non-finite gradients are masked out."""
     finite = torch.isfinite(g)
@@ -130,7 +149,7 @@ def _coordinate_step(
     all_finite = not torch.compiler.is_compiling() and bool(finite.all())
     g_safe = g if all_finite else torch.where(finite, g, torch.zeros_like(g))
     new_moments = _update_moments(g_safe, moments, config) if moments is not None else None
-    x = compute_features(g_safe, new_moments, config)
+    x = compute_features(g_safe, new_moments, config, tensor_scale)
     if reference:
         out, new_lstm = net.forward_reference(x.to(net.head_weight.dtype), lstm.to(net.head_weight.dtype))
     else:
@@ -230,9 +249,10 @@ def lstm_update(
     new_states: list[State | None] = [None] * n
     if impl == "reference":
         for i in range(n):
+            scale = _tensor_scales([states[i]], config, [flat_grads[i].numel()])
             out, lstm, moments = _coordinate_step(
                 networks.network(roles[i]), config, flat_grads[i], states[i]["lstm"],
-                states[i].get("moments"), reference=True,
+                states[i].get("moments"), reference=True, tensor_scale=scale,
             )
             directions[i] = out
             new_states[i] = _pack(lstm, moments)
@@ -257,6 +277,14 @@ def lstm_update(
             delta = delta - (lrs[i] * wds[i]) * p
         deltas.append(delta)
     return deltas, new_states  # type: ignore[return-value]
+
+
+def _tensor_scales(states: Sequence[State], config: UpdateNetworkConfig, sizes: Sequence[int]) -> Tensor | None:
+    """Per-coordinate :func:`tensor_rms` of each coordinate's tensor (``None`` if not a feature)."""
+    if "tensor_rms" not in config.features:
+        return None
+    scales = [tensor_rms(st, config).expand(n) for st, n in zip(states, sizes)]
+    return torch.cat(scales) if len(scales) > 1 else scales[0]
 
 
 def _native_ready(networks: UpdateNetworks) -> bool:
@@ -350,13 +378,15 @@ def _batched_role_step(
     if has_moments:
         moments = torch.cat([s["moments"] for s in states]) if len(states) > 1 else states[0]["moments"]
 
+    scale = _tensor_scales(states, config, sizes)
     step = _compiled_coordinate_step() if compiled else _coordinate_step
     needs_grad = torch.is_grad_enabled() and (
         g.requires_grad or any(p.requires_grad for p in net.parameters()) or lstm.requires_grad
     )
     total = g.numel()
     if needs_grad or total <= CHUNK_SIZE:
-        out, new_lstm, new_moments = step(net, config, g, lstm, moments, reference=False, pointwise=pointwise)
+        out, new_lstm, new_moments = step(net, config, g, lstm, moments, reference=False, pointwise=pointwise,
+                                          tensor_scale=scale)
     else:
         out = torch.empty_like(g)
         new_lstm = torch.empty_like(lstm)
@@ -366,6 +396,7 @@ def _batched_role_step(
             o, l, m = step(
                 net, config, g[start:stop], lstm[start:stop],
                 moments[start:stop] if moments is not None else None, reference=False, pointwise=pointwise,
+                tensor_scale=scale[start:stop] if scale is not None else None,
             )
             out[start:stop] = o
             new_lstm[start:stop] = l

@@ -24,12 +24,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from typing import TYPE_CHECKING
-
 from .config import UpdateNetworkConfig
+from .functional import tensor_rms
 
 if TYPE_CHECKING:
     from .network import UpdateNetwork
@@ -41,12 +42,12 @@ __all__ = [
 
 SOURCE = Path(__file__).parent / "csrc" / "lstm_step.cpp"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "--param=vect-partial-vector-usage=2")
-ABI_VERSION = 2
+ABI_VERSION = 3
 #: Coordinates in the kernel's tiles and rows in its register blocks (see lstm_step.cpp).
 TILE, ROW_BLOCK = 16, 8
 #: Smallest range of coordinates worth a thread of its own.
 MIN_COORDS_PER_THREAD = 16384
-_FEATURE_CODES = {"grad_logsign": 0, "grad_rms": 1, "momentum_rms": 2}
+_FEATURE_CODES = {"grad_logsign": 0, "grad_rms": 1, "momentum_rms": 2, "tensor_rms": 3}
 
 
 class NativeUnavailable(RuntimeError):
@@ -148,7 +149,8 @@ def load_library() -> ctypes.CDLL:
             fn = lib.learnedopt_lstm_step
             fn.restype = ctypes.c_int64
             fn.argtypes = [ctypes.POINTER(_StepArgs), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                           ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float, ctypes.c_float]
+                           ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float, ctypes.c_float,
+                           ctypes.c_float]
             vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
             lib.learnedopt_lstm_pointwise_fwd.restype = None
             lib.learnedopt_lstm_pointwise_fwd.argtypes = [vp, vp, i64, i64, i32, vp, vp, vp, vp]
@@ -219,6 +221,7 @@ class PackedNetwork:
         self.betas = torch.tensor(list(config.momentum_betas[:means]) or [0.0], dtype=torch.float32)
         self.state_size = 2 * config.num_layers * h
         self.num_moments = config.num_moments
+        self.config = config
         self.args = _StepArgs(
             self.weights.data_ptr(), h, config.num_layers, config.input_size,
             self.features.data_ptr(), len(config.features), self.betas.data_ptr(), config.num_moments,
@@ -269,6 +272,8 @@ def step_(
                 "loaded from a different architecture?"
             )
         bf16 = int(lstm.dtype == torch.bfloat16)
+        # read before any call below updates the moments
+        scale = float(tensor_rms(st, net.config)) if "tensor_rms" in net.config.features else 1.0
         lstm_row = net.state_size * lstm.element_size()
         mom_row = net.num_moments * 4
         per = max(MIN_COORDS_PER_THREAD, -(-n // threads))
@@ -279,7 +284,7 @@ def step_(
                 ctypes.byref(net.args), p.data_ptr() + 4 * start, g.data_ptr() + 4 * start, count,
                 lstm.data_ptr() + lstm_row * start, bf16,
                 moments.data_ptr() + mom_row * start if net.num_moments else None,
-                float(lr), float(wd), g,  # keep g (maybe a contiguous copy) alive until the call ran
+                float(lr), float(wd), scale, g,  # keep g (maybe a contiguous copy) alive until the call ran
             ))
 
     def run(call) -> int:

@@ -25,6 +25,7 @@ CONFIGS = {
     "rms-3-layers": {"features": ["grad_rms", "momentum_rms"], "num_layers": 3, "momentum_betas": [0.9]},
     "all-features-clipped": {"features": ["grad_logsign", "grad_rms", "momentum_rms"], "update_clip": 0.01},
     "no-update-clip": {"update_clip": None, "output_scale": 1.0},
+    "tensor-rms": {"features": ["grad_logsign", "tensor_rms"], "momentum_betas": [0.5, 0.95]},
 }
 
 

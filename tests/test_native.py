@@ -21,6 +21,7 @@ CONFIGS = {
     "rms-features": {"features": ["grad_rms", "momentum_rms"], "momentum_betas": [0.9]},
     "logsign-only-1-layer": {"features": ["grad_logsign"], "num_layers": 1},
     "3-layers-hidden-8": {"num_layers": 3, "hidden_size": 8, "update_clip": None},
+    "tensor-rms": {"features": ["grad_logsign", "tensor_rms"], "momentum_betas": [0.5, 0.9]},
 }
 
 

@@ -156,7 +156,7 @@ static inline vf vlog(vf x) {
     return m + y + ef * 0.693359375f;
 }
 
-enum Feature { GRAD_LOGSIGN = 0, GRAD_RMS = 1, MOMENTUM_RMS = 2 };
+enum Feature { GRAD_LOGSIGN = 0, GRAD_RMS = 1, MOMENTUM_RMS = 2, TENSOR_RMS = 3 };
 
 struct StepArgs {
     // network: per layer, gate weights blocked as [4H/RB][K][RB] (K = in + H) and bias [4H];
@@ -172,9 +172,10 @@ struct StepArgs {
 };
 
 // Updates coordinates [0, n) of one tensor; returns how many had a non-finite gradient.
+// tensor_scale: the tensor's RMS gradient for the tensor_rms feature (ignored without it).
 extern "C" int64_t learnedopt_lstm_step(
     const StepArgs* a, float* param, const float* grad, int64_t n, void* lstm, int32_t lstm_bf16,
-    float* moments, float lr, float weight_decay) {
+    float* moments, float lr, float weight_decay, float tensor_scale) {
     const int H = a->hidden, L = a->layers, G = 4 * H, S = 2 * L * H;
     const int M = a->num_moments;
     const int kmax = (a->inputs > H ? a->inputs : H) + H;
@@ -232,8 +233,12 @@ extern "C" int64_t learnedopt_lstm_step(
                 case GRAD_RMS:
                     Z[col++] = vclamp(g / rms, -clip, clip);
                     break;
-                default:  // MOMENTUM_RMS
+                case MOMENTUM_RMS:
                     for (int k = 0; k < M - 1; k++) Z[col++] = vclamp(mv[k] / rms, -clip, clip);
+                    break;
+                default:  // TENSOR_RMS: the divisor is the tensor's, computed before the step
+                    Z[col++] = vclamp(g / tensor_scale, -clip, clip);
+                    for (int k = 0; k < M - 1; k++) Z[col++] = vclamp(mv[k] / tensor_scale, -clip, clip);
             }
         }
         // ---- load the tile's LSTM state, transposed (lanes = coordinates)
@@ -449,4 +454,4 @@ extern "C" void learnedopt_lstm_pointwise_bwd(const float* dh, const float* dc, 
 }
 
 // Lets Python check that the library it loaded matches the source it was built from.
-extern "C" int32_t learnedopt_abi_version() { return 2; }
+extern "C" int32_t learnedopt_abi_version() { return 3; }
