@@ -215,3 +215,19 @@ def test_norm_and_rescaled_families() -> None:
     assert isinstance(always.sample(generator), RescaledTask)
     with pytest.raises(ValueError, match="objective"):
         NormMLPFamily(objective=["ranking"])
+
+
+def test_log_meta_objective_sums_log_losses() -> None:
+    torch.manual_seed(0)
+    nets = UpdateNetworks(UpdateNetworkConfig(roles=["dense"], hidden_size=6))
+    task = QuadraticFamily().sample(torch.Generator().manual_seed(1))
+    plain, params, _ = truncated_unroll(nets, task, task.init_params(), None, ["dense"], 0, 3)
+    logged, params_log, _ = truncated_unroll(nets, task, task.init_params(), None, ["dense"], 0, 3, meta_objective="log")
+    torch.testing.assert_close(params[0], params_log[0])  # the objective changes only the meta-loss
+    assert logged.requires_grad
+    assert float(logged) < float(plain)  # log of losses > 1 is smaller than the losses
+    negative = type("Negative", (type(task),), {"loss": lambda self, ps, step: -(ps[0] ** 2).sum() - 1})(task.w, task.y, task.theta0)
+    with pytest.raises(ValueError, match="positive losses"):
+        truncated_unroll(nets, negative, negative.init_params(), None, ["dense"], 0, 2, meta_objective="log")
+    with pytest.raises(ValueError, match="meta_objective"):
+        MetaTrainConfig(meta_objective="final")

@@ -108,6 +108,9 @@ class MetaTrainConfig:
         stack_tasks: Unroll slots whose tasks are MLPs of one architecture, at the same inner step,
             as one stacked task (:class:`~learnedopt.training.batched.StackedMLPTask`): the same
             meta-gradient, in fewer and larger operations. A speed setting (first order only).
+        meta_objective: ``"loss"``: the meta-loss is the sum of the losses along each truncation,
+            divided by the task's initial loss (the paper's); ``"log"``: the mean of their logs,
+            so that late progress (small losses) counts as much as early progress.
         init_from: Start from these pretrained networks (a shipped name, a directory or a Hub
             repo id) instead of a random initialisation: fine-tunes an optimizer on a new family.
             Its architecture is used; ``networks`` may only repeat it.
@@ -135,6 +138,7 @@ class MetaTrainConfig:
     impl: str = "auto"
     networks: dict[str, Any] = field(default_factory=dict)
     stack_tasks: bool = True
+    meta_objective: str = "loss"
     init_from: str = ""
 
     def __post_init__(self) -> None:
@@ -153,6 +157,8 @@ class MetaTrainConfig:
         if not self.meta_lr > 0 or not self.grad_clip > 0:
             raise ValueError("meta_lr and grad_clip must be positive")
         UpdateNetworkConfig(**self.networks)  # validates the network settings early
+        if self.meta_objective not in ("loss", "log"):
+            raise ValueError(f"meta_objective must be 'loss' or 'log', got {self.meta_objective!r}")
         if self.impl not in IMPLEMENTATIONS:
             raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {self.impl!r}")
 
@@ -188,13 +194,15 @@ def truncated_unroll(
     *,
     second_order: bool = False,
     impl: str = "auto",
+    meta_objective: str = "loss",
 ) -> tuple[Tensor, list[Tensor], list[dict[str, Tensor]]]:
     """Unroll ``length`` inner steps from step ``start``; return the summed loss along the way.
 
-    The meta-loss is ``sum_{k=1..length} f(θ_{start+k})``; its graph reaches the networks'
-    weights through every update (:func:`learnedopt.lstm_update`, the function that
-    ``LSTMOptimizer.step`` runs). The optimizee's gradient is an input (detached) unless
-    ``second_order``.
+    The meta-loss is ``sum_{k=1..length} f(θ_{start+k})`` (``meta_objective="log"``: the sum of
+    ``log f``, which weighs a halving of the loss the same early and late in training); its graph
+    reaches the networks' weights through every update (:func:`learnedopt.lstm_update`, the
+    function that ``LSTMOptimizer.step`` runs). The optimizee's gradient is an input (detached)
+    unless ``second_order``.
 
     Returns:
         ``(meta_loss, params, states)`` with the graph still attached (detach to truncate).
@@ -212,6 +220,13 @@ def truncated_unroll(
                 "differentiably (no grad_fn); compute it from the `params` passed to loss()"
             )
         if k > 0:
+            if meta_objective == "log":
+                if not bool(meta_term.detach() > 0):
+                    raise ValueError(
+                        f"meta_objective='log' needs positive losses, but task {task.name!r} returned "
+                        f"{float(meta_term):.4g}; use meta_objective='loss' for this family"
+                    )
+                meta_term = meta_term.log()
             meta_loss = meta_loss + meta_term
         if k == length:
             break
@@ -457,9 +472,10 @@ class MetaTrainer:
             slot = group[0]
             loss, params, states = truncated_unroll(
                 self.networks, slot.task, slot.params, slot.states, slot.roles, slot.step, config.unroll,
-                second_order=config.second_order, impl=config.impl,
+                second_order=config.second_order, impl=config.impl, meta_objective=config.meta_objective,
             )
-            return loss / (slot.scale * norm), [(slot, params, states)]
+            scale = slot.scale if config.meta_objective == "loss" else 1.0  # log: scale-free already
+            return loss / (scale * norm), [(slot, params, states)]
         stacked = StackedMLPTask([s.task for s in group], [s.scale for s in group])
         params = [torch.stack(ps) for ps in zip(*(s.params for s in group))]
         states = None
@@ -690,7 +706,8 @@ class MetaTrainer:
 
 def _stack_key(slot: _Slot, config: MetaTrainConfig) -> tuple:
     task = slot.task
-    if config.stack_tasks and not config.second_order and type(task) is MLPTask:
+    # a stacked task's meta-loss term is a sum over its tasks, which has no per-task log
+    if config.stack_tasks and not config.second_order and config.meta_objective == "loss" and type(task) is MLPTask:
         return ("mlp", tuple(task.sizes), task.activation, task.batch_size, slot.step)
     return ("alone", slot.index)
 
