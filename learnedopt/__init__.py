@@ -10,7 +10,8 @@ Example:
 __version__ = "0.1.0"
 
 from .config import FEATURES, FORMAT_VERSION, ConfigError, UpdateNetworkConfig
-from .functional import compute_features, init_state, lstm_update
+from .functional import compute_features, init_state, lstm_update, tensor_rms
+from .native import NativeUnavailable
 from .network import UpdateNetwork, UpdateNetworks
 from .optimizer import DEFAULT_PRETRAINED, LSTMOptimizer
 from .serialization import HubError, WeightsError, list_pretrained
@@ -24,6 +25,8 @@ __all__ = [
     "lstm_update",
     "init_state",
     "compute_features",
+    "tensor_rms",
+    "NativeUnavailable",
     "list_pretrained",
     "DEFAULT_PRETRAINED",
     "FEATURES",
