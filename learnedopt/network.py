@@ -79,9 +79,11 @@ class UpdateNetwork(nn.Module):
         h_size, n_layers = self.hidden_size, self.num_layers
         hs, cs = [], []
         inp = x
+        # one split rather than a slice per piece: under autograd, each slice's backward would
+        # allocate and zero a gradient the size of the whole state
+        pieces = state.split(h_size, dim=1)
         for layer, (weight, bias) in enumerate(self.layer_parameters()):
-            h = state[:, layer * h_size : (layer + 1) * h_size]
-            c = state[:, (n_layers + layer) * h_size : (n_layers + layer + 1) * h_size]
+            h, c = pieces[layer], pieces[n_layers + layer]
             gates = torch.addmm(bias, torch.cat([inp, h], dim=1), weight.t())
             if pointwise == "native" or (pointwise == "auto" and native.pointwise_eligible(gates, c)):
                 h, c = native.lstm_pointwise(gates, c)

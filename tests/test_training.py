@@ -175,10 +175,10 @@ def _small_mlp_config(**overrides) -> MetaTrainConfig:
 
 def test_stacked_slots_give_the_same_training(tmp_path: Path) -> None:
     """Slots of one MLP architecture are unrolled as one stacked task: same weights as one by one."""
-    stacked_trainer = MetaTrainer(_small_mlp_config(), tmp_path / "stacked", progress=False)
+    stacked_trainer = MetaTrainer(_small_mlp_config(stack_tasks=True), tmp_path / "stacked", progress=False)
     stacked = stacked_trainer.run()
     assert [len(g) for g in stacked_trainer._stack_groups()] == [4]
-    alone_trainer = MetaTrainer(_small_mlp_config(stack_tasks=False), tmp_path / "alone", progress=False)
+    alone_trainer = MetaTrainer(_small_mlp_config(), tmp_path / "alone", progress=False)
     alone = alone_trainer.run()
     assert [len(g) for g in alone_trainer._stack_groups()] == [1, 1, 1, 1]
     for a, b in zip(stacked.parameters(), alone.parameters()):

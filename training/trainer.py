@@ -107,7 +107,8 @@ class MetaTrainConfig:
         networks: Keyword arguments of :class:`learnedopt.UpdateNetworkConfig`.
         stack_tasks: Unroll slots whose tasks are MLPs of one architecture, at the same inner step,
             as one stacked task (:class:`~learnedopt.training.batched.StackedMLPTask`): the same
-            meta-gradient, in fewer and larger operations. A speed setting (first order only).
+            meta-gradient, in fewer and larger operations. A speed setting (first order only); off by
+            default: on a 2-core CPU it is slower for the paper's MLP (benchmarks/meta_training_throughput.py).
         meta_objective: ``"loss"``: the meta-loss is the sum of the losses along each truncation,
             divided by the task's initial loss (the paper's); ``"log"``: the mean of their logs,
             so that late progress (small losses) counts as much as early progress.
@@ -137,7 +138,7 @@ class MetaTrainConfig:
     checkpoint_every: int = 50
     impl: str = "auto"
     networks: dict[str, Any] = field(default_factory=dict)
-    stack_tasks: bool = True
+    stack_tasks: bool = False
     meta_objective: str = "loss"
     init_from: str = ""
 
