@@ -42,8 +42,8 @@ __all__ = [
 
 SOURCE = Path(__file__).parent / "csrc" / "lstm_step.cpp"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "--param=vect-partial-vector-usage=2")
-ABI_VERSION = 3
-#: Coordinates in the kernel's tiles and rows in its register blocks (see lstm_step.cpp).
+ABI_VERSION = 4
+#: Coordinates in the kernel's tiles, and the smallest register block of gate rows (see lstm_step.cpp).
 TILE, ROW_BLOCK = 16, 8
 #: Smallest range of coordinates worth a thread of its own.
 MIN_COORDS_PER_THREAD = 16384
@@ -70,6 +70,7 @@ class _StepArgs(ctypes.Structure):
         ("preprocess_p", ctypes.c_float),
         ("output_scale", ctypes.c_float),
         ("update_clip", ctypes.c_float),
+        ("row_block", ctypes.c_int32),
     ]
 
 
@@ -203,6 +204,7 @@ class PackedNetwork:
         if reason:
             raise NativeUnavailable(reason)
         h = config.hidden_size
+        block = 16 if (4 * h) % 16 == 0 else ROW_BLOCK  # more accumulators per weight load when possible
         pieces = []
         with torch.no_grad():
             for weight, bias in net.layer_parameters():
@@ -212,7 +214,7 @@ class PackedNetwork:
                 w[sig] *= 0.5  # sigmoid(x) = 0.5 + 0.5 * tanh(x / 2)
                 b[sig] *= 0.5
                 g, k = w.shape
-                pieces += [w.view(g // ROW_BLOCK, ROW_BLOCK, k).transpose(1, 2).reshape(-1), b]
+                pieces += [w.view(g // block, block, k).transpose(1, 2).reshape(-1), b]
             pieces += [net.head_weight.detach().to(torch.float32).reshape(-1),
                        net.head_bias.detach().to(torch.float32).reshape(1)]
         self.weights = torch.cat(pieces).contiguous()
@@ -226,7 +228,7 @@ class PackedNetwork:
             self.weights.data_ptr(), h, config.num_layers, config.input_size,
             self.features.data_ptr(), len(config.features), self.betas.data_ptr(), config.num_moments,
             config.rms_beta, config.rms_eps, config.feature_clip, config.preprocess_p,
-            config.output_scale, -1.0 if config.update_clip is None else config.update_clip,
+            config.output_scale, -1.0 if config.update_clip is None else config.update_clip, block,
         )
 
 

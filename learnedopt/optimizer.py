@@ -203,10 +203,10 @@ class LSTMOptimizer(Optimizer):
         device = params[0].device
         if self.networks.head_device() != device:  # follow the model, e.g. after model.cuda()
             self.networks.to(device)
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
         fast = self._native_indices(params, grads, states)
+        nonfinite = 0  # the kernel counts non-finite gradients itself; the rest are checked below
         if fast:
-            native.step_(
+            nonfinite = native.step_(
                 [self._packed(roles[i]) for i in fast], [params[i] for i in fast],
                 [grads[i].reshape(-1) for i in fast], [states[i] for i in fast],
                 [lrs[i] for i in fast], [wds[i] for i in fast],
@@ -218,6 +218,8 @@ class LSTMOptimizer(Optimizer):
                 [seq[i] for i in rest] for seq in (params, grads, states, roles, lrs, wds)
             )
         if params:
+            if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+                nonfinite += 1
             impl = "batched" if self.impl in ("auto", "native") else self.impl
             deltas, new_states = lstm_update(
                 params, grads, states, self.networks, roles, lr=lrs, weight_decay=wds, impl=impl
@@ -227,7 +229,7 @@ class LSTMOptimizer(Optimizer):
                 state["step"] += 1
                 for key, value in new.items():
                     state[key].copy_(value)
-        if not bool(finite):
+        if nonfinite:
             warnings.warn(
                 "LSTMOptimizer: the gradient has non-finite values (NaN or Inf); those coordinates "
                 "were not updated and their LSTM state was kept. Check the loss for overflow: "

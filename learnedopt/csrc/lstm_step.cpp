@@ -23,7 +23,7 @@
 #endif
 
 #define TILE 16
-#define RB 8  // gate rows per register block
+#define PREFETCH_TILES 2  // how many tiles ahead the state is prefetched
 
 typedef float vf __attribute__((vector_size(TILE * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(TILE * sizeof(int32_t))));
@@ -156,10 +156,27 @@ static inline vf vlog(vf x) {
     return m + y + ef * 0.693359375f;
 }
 
+// gates[j] = bias[j] + sum_k W[j][k] Z[k] for the tile (lanes = coordinates). W arrives blocked as
+// [G/R][K][R]: R accumulators stay in registers while Z[k] is loaded once per k and each weight
+// is a broadcast operand of its FMA.
+template <int R>
+static inline void gate_matmul(const float* w, const float* bias, const vf* Z, int K, int G, vf* gates) {
+    for (int jb = 0; jb < G; jb += R) {
+        const float* wb = w + (size_t)jb * K;
+        vf acc[R];
+        for (int r = 0; r < R; r++) acc[r] = splat(bias[jb + r]);
+        for (int k = 0; k < K; k++) {
+            const vf z = Z[k];
+            for (int r = 0; r < R; r++) acc[r] += wb[k * R + r] * z;
+        }
+        for (int r = 0; r < R; r++) gates[jb + r] = acc[r];
+    }
+}
+
 enum Feature { GRAD_LOGSIGN = 0, GRAD_RMS = 1, MOMENTUM_RMS = 2, TENSOR_RMS = 3 };
 
 struct StepArgs {
-    // network: per layer, gate weights blocked as [4H/RB][K][RB] (K = in + H) and bias [4H];
+    // network: per layer, gate weights blocked as [4H/R][K][R] (K = in + H, R = row_block) and bias [4H];
     // sigmoid-gate rows pre-scaled by 0.5. Then head weight [H] and head bias [1].
     const float* weights;
     int32_t hidden, layers, inputs;
@@ -169,6 +186,7 @@ struct StepArgs {
     int32_t num_moments;  // running means + the second moment; 0 when the features use none
     float rms_beta, rms_eps, feature_clip, preprocess_p;
     float output_scale, update_clip;  // update_clip < 0: none
+    int32_t row_block;                // R: 16 when 4H is a multiple of 16, else 8
 };
 
 // Updates coordinates [0, n) of one tensor; returns how many had a non-finite gradient.
@@ -259,13 +277,15 @@ extern "C" int64_t learnedopt_lstm_step(
                 for (int s = full; s < S; s++) stf[s * TILE + t] = row[s];
             }
         }
-        // the next tile's state is a long stream of cache lines: ask for it while this one computes
-        if (i0 + TILE < n) {
-            const char* next = (const char*)lstm + (i0 + TILE) * S * (lstm_bf16 ? 2 : 4);
-            const int bytes = (int)((n - i0 - TILE) < TILE ? (n - i0 - TILE) : TILE) * S * (lstm_bf16 ? 2 : 4);
+        // the state is a long stream of cache lines: ask for the tile after next while this one
+        // computes (far enough ahead to hide the memory latency)
+        if (i0 + PREFETCH_TILES * TILE < n) {
+            const int64_t j0 = i0 + PREFETCH_TILES * TILE;
+            const char* next = (const char*)lstm + j0 * S * (lstm_bf16 ? 2 : 4);
+            const int bytes = (int)((n - j0) < TILE ? (n - j0) : TILE) * S * (lstm_bf16 ? 2 : 4);
             for (int off = 0; off < bytes; off += 64) __builtin_prefetch(next + off, 1);
             if (M) {
-                const char* nm_next = (const char*)(moments + (i0 + TILE) * M);
+                const char* nm_next = (const char*)(moments + j0 * M);
                 for (int off = 0; off < TILE * M * 4; off += 64) __builtin_prefetch(nm_next + off, 1);
             }
         }
@@ -279,16 +299,10 @@ extern "C" int64_t learnedopt_lstm_step(
             vf* cprev = st + (L + l) * H;
             for (int u = 0; u < H; u++) Z[in + u] = hprev[u];
             const float* bias = w + (size_t)G * K;
-            for (int jb = 0; jb < G; jb += RB) {
-                const float* wb = w + (size_t)jb * K;
-                vf acc[RB];
-                for (int r = 0; r < RB; r++) acc[r] = splat(bias[jb + r]);
-                for (int k = 0; k < K; k++) {
-                    const vf z = Z[k];
-                    for (int r = 0; r < RB; r++) acc[r] += wb[k * RB + r] * z;
-                }
-                for (int r = 0; r < RB; r++) gates[jb + r] = acc[r];
-            }
+            if (a->row_block == 16)
+                gate_matmul<16>(w, bias, Z, K, G, gates);
+            else
+                gate_matmul<8>(w, bias, Z, K, G, gates);
             vf* hnew = nst + l * H;
             vf* cnew = nst + (L + l) * H;
             for (int u = 0; u < H; u++) {
@@ -454,4 +468,4 @@ extern "C" void learnedopt_lstm_pointwise_bwd(const float* dh, const float* dc, 
 }
 
 // Lets Python check that the library it loaded matches the source it was built from.
-extern "C" int32_t learnedopt_abi_version() { return 3; }
+extern "C" int32_t learnedopt_abi_version() { return 4; }
