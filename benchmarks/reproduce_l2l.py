@@ -37,15 +37,16 @@ from learnedopt.training.trainer import BASELINES, evaluate, lstm_optimizer_for
 LR_GRID = [10 ** (k / 2) for k in range(-8, 3)]  # 1e-4 ... 10, half-decades
 
 
-def curves_for(make, tasks, steps):
-    return [evaluate(t, make(t), steps) for t in tasks]
+def curves_for(make, tasks, steps, every=1):
+    return [evaluate(t, make(t), steps, every) for t in tasks]
 
 
-def summarize(curves: list[list[float]], at: list[int]) -> dict:
+def summarize(curves: list[list[float]], at: list[int], every: int = 1) -> dict:
+    """Mean and spread at the steps ``at``; curves hold the loss every ``every`` steps."""
     finite = [c for c in curves if all(math.isfinite(v) for v in c)]
     out = {"diverged": len(curves) - len(finite)}
     for t in at:
-        values = [c[t] if math.isfinite(c[t]) else math.inf for c in curves]
+        values = [c[t // every] if math.isfinite(c[t // every]) else math.inf for c in curves]
         out[f"mean@{t}"] = statistics.fmean(values)
         out[f"std@{t}"] = statistics.pstdev(values) if all(math.isfinite(v) for v in values) else math.inf
     n = len(curves[0])
@@ -56,29 +57,29 @@ def summarize(curves: list[list[float]], at: list[int]) -> dict:
 
 def run_setting(name: str, family: TaskFamily, networks: UpdateNetworks, problems: int, steps: int,
                 tune_at: int, report_at: list[int], bf16_state: bool = False,
-                extra: dict[str, UpdateNetworks] | None = None) -> dict:
+                extra: dict[str, UpdateNetworks] | None = None, every: int = 1) -> dict:
     generator = torch.Generator().manual_seed(2024)
     tasks = [family.sample(generator) for _ in range(problems)]
     result = {"setting": name, "problems": problems, "steps": steps, "tuned_at": tune_at, "report_at": report_at,
-              "optimizers": {}}
+              "every": every, "optimizers": {}}
     started = time.time()
-    lstm = curves_for(lambda t: lstm_optimizer_for(networks, t), tasks, steps)
-    result["optimizers"]["LSTM"] = {"lr": None, **summarize(lstm, report_at)}
+    lstm = curves_for(lambda t: lstm_optimizer_for(networks, t), tasks, steps, every)
+    result["optimizers"]["LSTM"] = {"lr": None, **summarize(lstm, report_at, every)}
     for label, other in (extra or {}).items():
-        curves = curves_for(lambda t: lstm_optimizer_for(other, t), tasks, steps)
-        result["optimizers"][f"LSTM, {label}"] = {"lr": None, **summarize(curves, report_at)}
+        curves = curves_for(lambda t: lstm_optimizer_for(other, t), tasks, steps, every)
+        result["optimizers"][f"LSTM, {label}"] = {"lr": None, **summarize(curves, report_at, every)}
     if bf16_state:
-        lstm16 = curves_for(lambda t: lstm_optimizer_for(networks, t, state_dtype=torch.bfloat16), tasks, steps)
-        result["optimizers"]["LSTM, bf16 state"] = {"lr": None, **summarize(lstm16, report_at)}
+        lstm16 = curves_for(lambda t: lstm_optimizer_for(networks, t, state_dtype=torch.bfloat16), tasks, steps, every)
+        result["optimizers"]["LSTM, bf16 state"] = {"lr": None, **summarize(lstm16, report_at, every)}
     for baseline in ("sgd", "nag", "rmsprop", "adam"):
         best = None
         for lr in LR_GRID:
-            curves = curves_for(lambda t, lr=lr: (lambda ps: BASELINES[baseline](ps, lr)), tasks, steps)
-            finals = [c[tune_at] if math.isfinite(c[tune_at]) else math.inf for c in curves]
+            curves = curves_for(lambda t, lr=lr: (lambda ps: BASELINES[baseline](ps, lr)), tasks, steps, every)
+            finals = [c[tune_at // every] if math.isfinite(c[tune_at // every]) else math.inf for c in curves]
             score = statistics.fmean(finals)
             if best is None or score < best[0]:
                 best = (score, lr, curves)
-        result["optimizers"][baseline] = {"lr": best[1], **summarize(best[2], report_at)}
+        result["optimizers"][baseline] = {"lr": best[1], **summarize(best[2], report_at, every)}
     result["wall_s"] = round(time.time() - started, 1)
     print(f"{name}: {result['wall_s']} s", flush=True)
     return result
@@ -119,7 +120,7 @@ def plot(results: list[dict], path: Path) -> None:
     for ax, r in zip(axes[0], results):
         for k, v in r["optimizers"].items():
             mean, std = v["mean_curve"], v["std_curve"]
-            xs = range(len(mean))
+            xs = [i * r.get("every", 1) for i in range(len(mean))]
             label = k if v["lr"] is None else f"{k} (lr {v['lr']:.3g})"
             ax.plot(xs, mean, label=label, lw=2 if k.startswith("LSTM") else 1)
             ax.fill_between(xs, [max(m - s, 1e-8) for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.12)
@@ -165,12 +166,13 @@ def main() -> None:
 
         nets = UpdateNetworks.from_pretrained(args.pretrained or "l2l-conv")
         settings = [("conv net, Fashion-MNIST 14x14, 100 steps", ConvFamily(data_dir=args.data_dir), 100, 100, [100])]
-    else:  # long: 10x the meta-training horizon
+    else:  # long: 10x the meta-training horizon; the full-data loss every 10 steps keeps it affordable
         nets = UpdateNetworks.from_pretrained(args.pretrained or "l2l-mlp")
         settings = [("1000 steps (trained on 100)", MLPFamily("fashion_mnist", data_dir=args.data_dir), 1000, 1000,
                      [100, 1000])]
+    every = 10 if args.suite == "long" else 1
     extra = {"one shared network": UpdateNetworks.from_pretrained(args.shared)} if args.shared else None
-    results = [run_setting(name, fam, nets, args.problems, steps, tune_at, at, args.bf16_state, extra)
+    results = [run_setting(name, fam, nets, args.problems, steps, tune_at, at, args.bf16_state, extra, every)
                for name, fam, steps, tune_at, at in settings]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     flags = (" --bf16-state" if args.bf16_state else "") + (f" --shared {args.shared}" if args.shared else "")

@@ -231,3 +231,12 @@ def test_log_meta_objective_sums_log_losses() -> None:
         truncated_unroll(nets, negative, negative.init_params(), None, ["dense"], 0, 2, meta_objective="log")
     with pytest.raises(ValueError, match="meta_objective"):
         MetaTrainConfig(meta_objective="final")
+
+
+def test_evaluate_every_records_a_subsampled_curve() -> None:
+    task = QuadraticFamily().sample(torch.Generator().manual_seed(3))
+    full = evaluate(task, lambda ps: torch.optim.SGD(ps, lr=0.01), 20)
+    sparse = evaluate(task, lambda ps: torch.optim.SGD(ps, lr=0.01), 20, every=5)
+    assert sparse == full[::5]
+    with pytest.raises(ValueError, match="divisor"):
+        evaluate(task, lambda ps: torch.optim.SGD(ps, lr=0.01), 20, every=3)

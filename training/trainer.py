@@ -243,14 +243,20 @@ def truncated_unroll(
 
 
 # ---------------------------------------------------------------------- evaluation
-def evaluate(task: Task, make_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer], steps: int) -> list[float]:
-    """Train ``task`` for ``steps`` with a torch optimizer; eval loss before each step and after the last."""
+def evaluate(task: Task, make_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer], steps: int,
+             every: int = 1) -> list[float]:
+    """Train ``task`` for ``steps`` with a torch optimizer; the eval loss before every ``every``-th
+    step and after the last (``curve[i]`` is the loss at step ``i * every``; ``every`` must divide
+    ``steps``)."""
+    if every < 1 or steps % every:
+        raise ValueError(f"every ({every}) must be a positive divisor of steps ({steps})")
     params = [p.clone().requires_grad_() for p in task.init_params()]
     opt = make_optimizer(params)
     curve = []
     for t in range(steps):
-        with torch.no_grad():
-            curve.append(float(task.eval_loss(params)))
+        if t % every == 0:
+            with torch.no_grad():
+                curve.append(float(task.eval_loss(params)))
         opt.zero_grad()
         task.loss(params, t).backward()
         opt.step()
