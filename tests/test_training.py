@@ -225,7 +225,7 @@ def test_log_meta_objective_sums_log_losses() -> None:
     logged, params_log, _ = truncated_unroll(nets, task, task.init_params(), None, ["dense"], 0, 3, meta_objective="log")
     torch.testing.assert_close(params[0], params_log[0])  # the objective changes only the meta-loss
     assert logged.requires_grad
-    assert float(logged) < float(plain)  # log of losses > 1 is smaller than the losses
+    assert float(logged.detach()) < float(plain.detach())  # log of losses > 1 is smaller than the losses
     negative = type("Negative", (type(task),), {"loss": lambda self, ps, step: -(ps[0] ** 2).sum() - 1})(task.w, task.y, task.theta0)
     with pytest.raises(ValueError, match="positive losses"):
         truncated_unroll(nets, negative, negative.init_params(), None, ["dense"], 0, 2, meta_objective="log")
