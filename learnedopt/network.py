@@ -88,9 +88,13 @@ class UpdateNetwork(nn.Module):
             if pointwise == "native" or (pointwise == "auto" and native.pointwise_eligible(gates, c)):
                 h, c = native.lstm_pointwise(gates, c)
             else:
-                i, f, g, o = gates.chunk(4, dim=1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(c)
+                # one sigmoid over all gates: on CPU, elementwise ops on the column slices of
+                # `gates` are not vectorised and cost several times a contiguous pass
+                act = torch.sigmoid(gates)
+                i, f, o = act[:, :h_size], act[:, h_size : 2 * h_size], act[:, 3 * h_size :]
+                g = torch.tanh(gates[:, 2 * h_size : 3 * h_size])
+                c = f * c + i * g
+                h = o * torch.tanh(c)
             hs.append(h)
             cs.append(c)
             inp = h
