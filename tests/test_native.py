@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -276,3 +278,27 @@ def test_build_is_cached_atomically(fresh_native):
     native._LIB = None
     native.load_library()  # second load: no rebuild
     assert files[0].stat().st_mtime_ns == stamp
+
+
+@needs_compiler
+@pytest.mark.skipif(platform.machine() != "x86_64" or "avx2" not in Path("/proc/cpuinfo").read_text(),
+                    reason="needs an x86-64 CPU with AVX2")
+def test_portable_build_without_avx512_matches_reference(make_networks, fresh_native, monkeypatch):
+    """The kernel's generic vector code (what a CPU without AVX-512 compiles) against the reference."""
+    monkeypatch.setattr(native, "FLAGS", tuple("-march=x86-64-v3" if f == "-march=native" else f for f in native.FLAGS))
+    native.load_library()
+    networks = make_networks(("dense",), features=["grad_logsign", "momentum_rms", "tensor_rms"])
+    params = [torch.randn(1000), torch.randn(37)]
+    states = [init_state(_grads(p.numel(), 0), networks.config) for p in params]
+    grads = [_grads(p.numel(), 1) for p in params]
+    with torch.no_grad():
+        ref_d, ref_s = lstm_update(params, grads, states, networks, ["dense"] * 2, impl="reference", weight_decay=0.1)
+        nat_d, nat_s = lstm_update(params, grads, states, networks, ["dense"] * 2, impl="native", weight_decay=0.1)
+    for i in range(2):
+        torch.testing.assert_close(nat_d[i], ref_d[i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(nat_s[i]["lstm"], ref_s[i]["lstm"], rtol=1e-5, atol=1e-5)
+    gates, c_prev = torch.randn(50, 24, requires_grad=True), torch.randn(50, 6)
+    h, c = native.lstm_pointwise(gates, c_prev)
+    i_, f_, g_, o_ = gates.chunk(4, dim=1)
+    c_ref = torch.sigmoid(f_) * c_prev + torch.sigmoid(i_) * torch.tanh(g_)
+    torch.testing.assert_close(c, c_ref, rtol=1e-5, atol=1e-6)
