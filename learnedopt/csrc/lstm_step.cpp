@@ -205,7 +205,6 @@ extern "C" int64_t learnedopt_lstm_step(
     vf* gates = Z + kmax;
     vf* st = gates + G;
     vf* nst = st + S;
-    float* Zf = (float*)Z;
     float* stf = (float*)st;
     float* nstf = (float*)nst;
     float* lstm32 = (float*)lstm;
@@ -356,32 +355,22 @@ extern "C" int64_t learnedopt_lstm_step(
 // Pointwise part of one LSTM layer for meta-training (the gate matmuls stay in PyTorch/MKL, with
 // autograd). Rows are coordinates; G holds the (unscaled) gate pre-activations [i f g o].
 
-static inline float tanh_scalar(float x) {
-    x = x < -7.90531110763549805f ? -7.90531110763549805f : x;
-    x = x > 7.90531110763549805f ? 7.90531110763549805f : x;
-    const float x2 = x * x;
-    float p = -2.76076847742355e-16f;
-    p = p * x2 + 2.00018790482477e-13f;
-    p = p * x2 + -8.60467152213735e-11f;
-    p = p * x2 + 5.12229709037114e-08f;
-    p = p * x2 + 1.48572235717979e-05f;
-    p = p * x2 + 6.37261928875436e-04f;
-    p = p * x2 + 4.89352455891786e-03f;
-    float q = 1.19825839466702e-06f;
-    q = q * x2 + 1.18534705686654e-04f;
-    q = q * x2 + 2.26843463243900e-03f;
-    q = q * x2 + 4.89352518554385e-03f;
-    return p * x / q;
-}
-
-static inline float sigmoid_scalar(float x) { return 0.5f + 0.5f * tanh_scalar(0.5f * x); }
-
+// Rows are processed 16 units at a time; the last partial block of a row is loaded and stored
+// with a lane mask (AVX-512) or a partial copy (elsewhere), so there is no scalar tail.
 #if defined(__AVX512F__)
-// Rows are processed 16 units at a time; the last partial block of a row uses masked loads and
-// stores, so no scalar tail (scalar divisions in the tail cost more than the vector body).
-static inline vf load_m(const float* p, __mmask16 m) { return (vf)_mm512_maskz_loadu_ps(m, p); }
-static inline void store_m(float* p, __mmask16 m, vf v) { _mm512_mask_storeu_ps(p, m, (__m512)v); }
-static inline __mmask16 lanes(int k) { return k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << k) - 1u); }
+typedef __mmask16 lane_mask;
+static inline lane_mask lanes(int k) { return k >= TILE ? (lane_mask)0xffff : (lane_mask)((1u << k) - 1u); }
+static inline vf load_m(const float* p, lane_mask m) { return (vf)_mm512_maskz_loadu_ps(m, p); }
+static inline void store_m(float* p, lane_mask m, vf v) { _mm512_mask_storeu_ps(p, m, (__m512)v); }
+#else
+typedef int lane_mask;  // how many leading lanes are real
+static inline lane_mask lanes(int k) { return k >= TILE ? TILE : k; }
+static inline vf load_m(const float* p, lane_mask k) {
+    vf v = splat(0.0f);
+    std::memcpy(&v, p, (size_t)k * sizeof(float));
+    return v;
+}
+static inline void store_m(float* p, lane_mask k, vf v) { std::memcpy(p, &v, (size_t)k * sizeof(float)); }
 #endif
 
 // Forward: c = sigma(f) c_prev + sigma(i) tanh(g), h = sigma(o) tanh(c). Saves the activations
@@ -393,9 +382,8 @@ extern "C" void learnedopt_lstm_pointwise_fwd(const float* G, const float* c_pre
         const float* g = G + r * 4 * H;
         const float* cp = c_prev + r * ldc;
         float* a = act + r * 4 * H;
-#if defined(__AVX512F__)
-        for (int u = 0; u < H; u += 16) {
-            const __mmask16 m = lanes(H - u);
+        for (int u = 0; u < H; u += TILE) {
+            const lane_mask m = lanes(H - u);
             const vf ig = 0.5f + 0.5f * vtanh(0.5f * load_m(g + u, m));
             const vf fg = 0.5f + 0.5f * vtanh(0.5f * load_m(g + H + u, m));
             const vf gg = vtanh(load_m(g + 2 * H + u, m));
@@ -410,21 +398,6 @@ extern "C" void learnedopt_lstm_pointwise_fwd(const float* G, const float* c_pre
             store_m(tc + r * H + u, m, t);
             store_m(h + r * H + u, m, og * t);
         }
-#else
-        for (int u = 0; u < H; u++) {
-            const float ig = sigmoid_scalar(g[u]), fg = sigmoid_scalar(g[H + u]);
-            const float gg = tanh_scalar(g[2 * H + u]), og = sigmoid_scalar(g[3 * H + u]);
-            const float cn = fg * cp[u] + ig * gg;
-            const float t = tanh_scalar(cn);
-            a[u] = ig;
-            a[H + u] = fg;
-            a[2 * H + u] = gg;
-            a[3 * H + u] = og;
-            c[r * H + u] = cn;
-            tc[r * H + u] = t;
-            h[r * H + u] = og * t;
-        }
-#endif
     }
 }
 
@@ -437,9 +410,8 @@ extern "C" void learnedopt_lstm_pointwise_bwd(const float* dh, const float* dc, 
         const float* a = act + r * 4 * H;
         const float* cp = c_prev + r * ldc;
         float* d = dG + r * 4 * H;
-#if defined(__AVX512F__)
-        for (int u = 0; u < H; u += 16) {
-            const __mmask16 m = lanes(H - u);
+        for (int u = 0; u < H; u += TILE) {
+            const lane_mask m = lanes(H - u);
             const vf ig = load_m(a + u, m), fg = load_m(a + H + u, m);
             const vf gg = load_m(a + 2 * H + u, m), og = load_m(a + 3 * H + u, m);
             const vf t = load_m(tc + r * H + u, m);
@@ -451,19 +423,6 @@ extern "C" void learnedopt_lstm_pointwise_bwd(const float* dh, const float* dc, 
             store_m(d + 3 * H + u, m, dhv * t * og * (1.0f - og));
             store_m(dc_prev + r * H + u, m, dcv * fg);
         }
-#else
-        for (int u = 0; u < H; u++) {
-            const float ig = a[u], fg = a[H + u], gg = a[2 * H + u], og = a[3 * H + u];
-            const float t = tc[r * H + u];
-            const float dhv = dh ? dh[r * H + u] : 0.0f;
-            const float dcv = (dc ? dc[r * H + u] : 0.0f) + dhv * og * (1.0f - t * t);
-            d[u] = dcv * gg * ig * (1.0f - ig);
-            d[H + u] = dcv * cp[u] * fg * (1.0f - fg);
-            d[2 * H + u] = dcv * ig * (1.0f - gg * gg);
-            d[3 * H + u] = dhv * t * og * (1.0f - og);
-            dc_prev[r * H + u] = dcv * fg;
-        }
-#endif
     }
 }
 
