@@ -303,12 +303,12 @@ def _native_update(params, flat_grads, states, networks, roles, lrs, wds) -> tup
     new_states: list[State | None] = [None] * len(params)
     todo = []
     for i, (p, g, st) in enumerate(zip(params, flat_grads, states)):
-        copy = {k: v.clone() for k, v in st.items() if k in ("lstm", "moments")}
-        buf = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
-        if native.eligible(buf, g, copy):
+        # the kernel writes into a fresh dense buffer, not into p: only p's device and dtype matter
+        if native.eligible(p.detach().new_empty(0), g, st):
             if roles[i] not in packed:
                 packed[roles[i]] = native.PackedNetwork(networks.network(roles[i]), networks.config)
-            todo.append((i, buf, copy))
+            buf = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+            todo.append((i, buf, {k: v.clone() for k, v in st.items() if k in ("lstm", "moments")}))
         else:
             d, s = lstm_update([p], [g.reshape(p.shape)], [st], networks, [roles[i]], lr=lrs[i],
                                weight_decay=wds[i], impl="batched")

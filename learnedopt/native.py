@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from .network import UpdateNetwork
 
 __all__ = [
-    "NativeUnavailable", "available", "load_library", "PackedNetwork", "unsupported_reason", "eligible", "step_",
+    "NativeUnavailable", "available", "load_library", "PackedNetwork", "unsupported_reason", "check_supported",
+    "eligible", "step_",
     "lstm_pointwise", "pointwise_eligible",
 ]
 
@@ -185,6 +186,13 @@ def unsupported_reason(config: UpdateNetworkConfig) -> str | None:
     return None
 
 
+def check_supported(config: UpdateNetworkConfig) -> None:
+    """Raise :class:`NativeUnavailable` with :func:`unsupported_reason` if there is one."""
+    reason = unsupported_reason(config)
+    if reason:
+        raise NativeUnavailable(reason)
+
+
 def eligible(param: Tensor, grad: Tensor, state: dict[str, Tensor]) -> bool:
     """Whether one tensor can take the native path (float32, CPU, contiguous state)."""
     lstm, moments = state["lstm"], state.get("moments")
@@ -200,9 +208,7 @@ class PackedNetwork:
     """One network's weights in the kernel's layout, with the call arguments built once."""
 
     def __init__(self, net: "UpdateNetwork", config: UpdateNetworkConfig) -> None:
-        reason = unsupported_reason(config)
-        if reason:
-            raise NativeUnavailable(reason)
+        check_supported(config)
         h = config.hidden_size
         block = 16 if (4 * h) % 16 == 0 else ROW_BLOCK  # more accumulators per weight load when possible
         pieces = []
@@ -234,6 +240,21 @@ class PackedNetwork:
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
+
+
+def _ranges(n: int, threads: int, minimum: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` pieces of ``n`` rows, one per thread but none under ``minimum`` rows, each
+    starting on a tile boundary."""
+    per = max(minimum, -(-n // threads))
+    per = -(-per // TILE) * TILE
+    return [(start, min(n, start + per)) for start in range(0, n, per)]
+
+
+def _map(fn, items: list, threads: int) -> list:
+    """``fn`` over ``items``, on the thread pool when there is more than one (ctypes drops the GIL)."""
+    if threads > 1 and len(items) > 1:
+        return list(_pool(threads).map(fn, items))
+    return [fn(item) for item in items]
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
@@ -278,10 +299,8 @@ def step_(
         scale = float(tensor_rms(st, net.config)) if "tensor_rms" in net.config.features else 1.0
         lstm_row = net.state_size * lstm.element_size()
         mom_row = net.num_moments * 4
-        per = max(MIN_COORDS_PER_THREAD, -(-n // threads))
-        per = -(-per // TILE) * TILE
-        for start in range(0, n, per):
-            count = min(per, n - start)
+        for start, stop in _ranges(n, threads, MIN_COORDS_PER_THREAD):
+            count = stop - start
             calls.append((
                 ctypes.byref(net.args), p.data_ptr() + 4 * start, g.data_ptr() + 4 * start, count,
                 lstm.data_ptr() + lstm_row * start, bf16,
@@ -295,24 +314,14 @@ def step_(
             raise MemoryError("the native LSTM step could not allocate its scratch memory")
         return result
 
-    if threads > 1 and len(calls) > 1:
-        return sum(_pool(threads).map(run, calls))
-    return sum(run(c) for c in calls)
+    return sum(_map(run, calls, threads))
 
 
 # ---------------------------------------------------------------------------- meta-training
-def _row_ranges(n: int, threads: int) -> list[tuple[int, int]]:
-    per = max(MIN_COORDS_PER_THREAD // 4, -(-n // threads))
-    return [(start, min(n, start + per)) for start in range(0, n, per)]
-
-
 def _run_rows(fn, n: int) -> None:
+    """``fn(start, stop)`` over row ranges of ``n`` rows split across the torch threads."""
     threads = torch.get_num_threads()
-    ranges = _row_ranges(n, threads)
-    if len(ranges) > 1:
-        list(_pool(threads).map(lambda r: fn(*r), ranges))
-    else:
-        fn(0, n)
+    _map(lambda r: fn(*r), _ranges(n, threads, MIN_COORDS_PER_THREAD // 4), threads)
 
 
 def _ptr(t: Tensor | None, row: int, row_floats: int) -> int | None:

@@ -24,8 +24,6 @@ DEFAULT_PRETRAINED = "default"
 
 _STATE_KEYS = ("lstm", "moments")
 _WARNED_NO_NATIVE = False
-#: ``impl`` choices of the optimizer (those of :func:`learnedopt.lstm_update`).
-OPTIMIZER_IMPLEMENTATIONS = IMPLEMENTATIONS
 _LSTM_STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
@@ -83,8 +81,8 @@ class LSTMOptimizer(Optimizer):
         state_dtype: torch.dtype | None = None,
     ) -> None:
         _check_hyperparameters(lr=lr, weight_decay=weight_decay)
-        if impl not in OPTIMIZER_IMPLEMENTATIONS:
-            raise ValueError(f"Invalid impl: {impl!r}; choose one of {OPTIMIZER_IMPLEMENTATIONS}")
+        if impl not in IMPLEMENTATIONS:
+            raise ValueError(f"Invalid impl: {impl!r}; choose one of {IMPLEMENTATIONS}")
         if state_dtype not in _LSTM_STATE_DTYPES:
             raise ValueError(
                 f"Invalid state_dtype: {state_dtype}; choose None (float32, float64 for float64 "
@@ -104,11 +102,9 @@ class LSTMOptimizer(Optimizer):
         self.impl = impl
         self.state_dtype = state_dtype
         self._native_packed: dict[str, tuple[tuple, native.PackedNetwork]] = {}
-        if impl == "native":
-            native.load_library()  # fail now, with the reason, rather than at the first step
-            reason = native.unsupported_reason(networks.config)
-            if reason:
-                raise native.NativeUnavailable(reason)
+        if impl == "native":  # fail now, with the reason, rather than at the first step
+            native.load_library()
+            native.check_supported(networks.config)
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize, role=role)
         super().__init__(params, defaults)
 

@@ -63,10 +63,6 @@ BASELINES: dict[str, Callable[[list[Tensor], float], torch.optim.Optimizer]] = {
 }
 
 
-#: Config fields that describe where weights came from rather than what the networks compute.
-_NON_ARCH_FIELDS = frozenset({"format_version", "library_version", "description", "training"})
-
-
 class ConfigMismatchError(ValueError):
     """``--resume`` on a directory written with a different configuration."""
 
@@ -402,7 +398,7 @@ class MetaTrainer:
         from learnedopt.serialization import load_networks
 
         start = load_networks(config.init_from)
-        arch = {k: v for k, v in dataclasses.asdict(start.config).items() if k not in _NON_ARCH_FIELDS}
+        arch = start.config.architecture()
         clashes = {k: (arch[k], v) for k, v in config.networks.items() if k in arch and arch[k] != v}
         if clashes:
             shown = "; ".join(f"{k}: {config.init_from} has {a!r}, settings ask for {b!r}" for k, (a, b) in clashes.items())
