@@ -52,6 +52,11 @@ def _choice(options: Sequence, generator: torch.Generator):
     return options[int(torch.randint(len(options), (1,), generator=generator))]
 
 
+def _check_dataset(dataset: str) -> None:
+    if dataset not in ("fashion_mnist", "synthetic"):
+        raise ValueError(f"dataset must be 'fashion_mnist' or 'synthetic', got {dataset!r}")
+
+
 class Task:
     """One optimization problem.
 
@@ -224,8 +229,7 @@ class MLPFamily(TaskFamily):
     name: str = "mlp"
 
     def __post_init__(self) -> None:
-        if self.dataset not in ("fashion_mnist", "synthetic"):
-            raise ValueError(f"dataset must be 'fashion_mnist' or 'synthetic', got {self.dataset!r}")
+        _check_dataset(self.dataset)
         for act in self.activations:
             if act not in ACTIVATIONS:
                 raise ValueError(f"unknown activation {act!r}; known: {sorted(ACTIVATIONS)}")
@@ -399,8 +403,7 @@ class NormMLPFamily(TaskFamily):
     name: str = "mlp-norm"
 
     def __post_init__(self) -> None:
-        if self.dataset not in ("fashion_mnist", "synthetic"):
-            raise ValueError(f"dataset must be 'fashion_mnist' or 'synthetic', got {self.dataset!r}")
+        _check_dataset(self.dataset)
         for value, allowed, what in ((self.objective, ("classification", "regression"), "objective"),
                                      (self.norms, ("layer", "none"), "norms"),
                                      (self.activations, tuple(ACTIVATIONS), "activations")):
