@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from learnedopt import LSTMOptimizer, UpdateNetworkConfig, UpdateNetworks, lstm_update
 from learnedopt.training.data import load_fashion_mnist
 from learnedopt.training import MetaTrainConfig, MetaTrainer, evaluate, truncated_unroll
+from learnedopt.training.trainer import ConfigMismatchError
 from learnedopt.training.tasks import MLPFamily, MixtureFamily, QuadraticFamily
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -194,7 +196,10 @@ def test_init_from_fine_tunes_pretrained_networks(tmp_path: Path) -> None:
     for a, b in zip(start.parameters(), tuned.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9)  # a 1e-12 learning rate barely moves them
     clash = _small_mlp_config(init_from=str(tmp_path / "start"), networks={"hidden_size": 8})
-    with pytest.raises(ValueError, match="different architecture.*hidden_size"):
+    start_dir = str(tmp_path / "start")
+    message = (f"init_from={start_dir!r} has a different architecture (hidden_size: {start_dir} has 6, settings ask "
+               "for 8); drop those network settings to fine-tune it, or leave out init_from to train from scratch")
+    with pytest.raises(ConfigMismatchError, match=f"^{re.escape(message)}$"):
         MetaTrainer(clash, tmp_path / "clash", progress=False).run()
 
 
@@ -213,8 +218,13 @@ def test_norm_and_rescaled_families() -> None:
     torch.testing.assert_close(phi[0] * 10, params[0])
     always = RescaledFamily(family, probability=1.0, log10_range=1.0)
     assert isinstance(always.sample(generator), RescaledTask)
-    with pytest.raises(ValueError, match="objective"):
+    with pytest.raises(ValueError, match=re.escape(
+            "objective must be a non-empty list from ['classification', 'regression'], got ['ranking']") + "$"):
         NormMLPFamily(objective=["ranking"])
+    with pytest.raises(ValueError, match=r"^dataset must be 'fashion_mnist' or 'synthetic', got 'cifar'$"):
+        NormMLPFamily(dataset="cifar")
+    with pytest.raises(ValueError, match=re.escape("probability must be in [0, 1] and log10_range >= 0") + "$"):
+        RescaledFamily(family, probability=2.0)
 
 
 def test_log_meta_objective_sums_log_losses() -> None:
@@ -227,9 +237,10 @@ def test_log_meta_objective_sums_log_losses() -> None:
     assert logged.requires_grad
     assert float(logged.detach()) < float(plain.detach())  # log of losses > 1 is smaller than the losses
     negative = type("Negative", (type(task),), {"loss": lambda self, ps, step: -(ps[0] ** 2).sum() - 1})(task.w, task.y, task.theta0)
-    with pytest.raises(ValueError, match="positive losses"):
+    with pytest.raises(ValueError, match=r"^meta_objective='log' needs positive losses, but task 'quadratic' "
+                                         r"returned -[0-9.e+]+; use meta_objective='loss' for this family$"):
         truncated_unroll(nets, negative, negative.init_params(), None, ["dense"], 0, 2, meta_objective="log")
-    with pytest.raises(ValueError, match="meta_objective"):
+    with pytest.raises(ValueError, match=r"^meta_objective must be 'loss' or 'log', got 'final'$"):
         MetaTrainConfig(meta_objective="final")
 
 
@@ -238,5 +249,5 @@ def test_evaluate_every_records_a_subsampled_curve() -> None:
     full = evaluate(task, lambda ps: torch.optim.SGD(ps, lr=0.01), 20)
     sparse = evaluate(task, lambda ps: torch.optim.SGD(ps, lr=0.01), 20, every=5)
     assert sparse == full[::5]
-    with pytest.raises(ValueError, match="divisor"):
+    with pytest.raises(ValueError, match=r"^every \(3\) must be a positive divisor of steps \(20\)$"):
         evaluate(task, lambda ps: torch.optim.SGD(ps, lr=0.01), 20, every=3)
