@@ -10,6 +10,7 @@ meta-trainer can differentiate through the optimizer's updates.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,13 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 def _choice(options: Sequence, generator: torch.Generator):
     """One of ``options``, drawn uniformly with ``generator``."""
     return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+
+def _minibatch(x: Tensor, y: Tensor, batch_size: int, seed: int, step: int) -> tuple[Tensor, Tensor]:
+    """The minibatch of ``step``: examples drawn with a generator seeded by the task and the step."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    idx = torch.randint(0, len(x), (batch_size,), generator=g)
+    return x[idx], y[idx]
 
 
 def _check_dataset(dataset: str) -> None:
@@ -179,9 +187,7 @@ class MLPTask(Task):
         return params
 
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        idx = torch.randint(0, len(self.x), (self.batch_size,), generator=g)
-        return self.x[idx], self.y[idx]
+        return _minibatch(self.x, self.y, self.batch_size, self.seed, step)
 
     def forward(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
         n_layers = len(params) // 2
@@ -366,11 +372,7 @@ class ConvFamily(TaskFamily):
         torch.random.set_rng_state(torch_state)
         sub = torch.randperm(len(x), generator=generator)[: self.eval_examples]
 
-        def batch(step: int, x=x, y=y) -> tuple[Tensor, Tensor]:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            idx = torch.randint(0, len(x), (batch_size,), generator=g)
-            return x[idx], y[idx]
-
+        batch = functools.partial(_minibatch, x, y, batch_size, seed)
         return ModuleTask(module, batch, F.cross_entropy, (x[sub], y[sub]), name=f"conv-{self.dataset}-{c}")
 
 
@@ -447,11 +449,7 @@ class NormMLPFamily(TaskFamily):
         torch.random.set_rng_state(torch_state)
         sub = torch.randperm(len(x), generator=generator)[: self.eval_examples]
 
-        def batch(step: int, x=x, y=y) -> tuple[Tensor, Tensor]:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            idx = torch.randint(0, len(x), (batch_size,), generator=g)
-            return x[idx], y[idx]
-
+        batch = functools.partial(_minibatch, x, y, batch_size, seed)
         loss_fn = F.cross_entropy if objective == "classification" else F.mse_loss
         name = f"{self.name}-{self.dataset}-{objective}-{norm}-{'x'.join(map(str, hidden))}-{activation}"
         return ModuleTask(module, batch, loss_fn, (x[sub], y[sub]), name=name)
