@@ -63,6 +63,13 @@ class UpdateNetworkConfig:
         output_scale: The network's linear head output is multiplied by this to give the update.
         update_clip: Bound on the magnitude of each coordinate's update (before ``lr``), a
             safeguard against blow-ups past the trained horizon. ``None`` for no bound.
+        nominal_momentum: ``None`` (the paper's setup): the update is the network's output alone.
+            A decay rate from ``momentum_betas``: the update is the network's output plus a plain
+            momentum step ``-exp(nominal_log_lr) * m``, where ``m`` is the running gradient mean
+            with this decay and ``nominal_log_lr`` a learned scalar of each network (starting at 0,
+            step size 1), so the LSTM learns a correction to momentum SGD (a "nominal descent
+            direction"). Needs ``momentum_rms`` or ``tensor_rms`` among the features (they keep
+            the running means). ``update_clip`` bounds the sum.
         format_version: Version of the directory format that wrote this config.
         library_version: learnedopt version that wrote this config.
         description: One line saying what this optimizer is for.
@@ -80,6 +87,7 @@ class UpdateNetworkConfig:
     feature_clip: float = 10.0
     output_scale: float = 0.1
     update_clip: float | None = 1.0
+    nominal_momentum: float | None = None
     format_version: int = FORMAT_VERSION
     library_version: str = ""
     description: str = ""
@@ -114,6 +122,13 @@ class UpdateNetworkConfig:
             return 0
         means = len(self.momentum_betas) if {"momentum_rms", "tensor_rms"} & set(self.features) else 0
         return means + 1
+
+    @property
+    def nominal_index(self) -> int | None:
+        """Column of the running means that the nominal momentum step uses (``None`` without one)."""
+        if self.nominal_momentum is None:
+            return None
+        return self.momentum_betas.index(self.nominal_momentum)
 
     def architecture(self) -> dict[str, Any]:
         """The fields that decide the shapes of weights and state and the update's math."""
@@ -164,6 +179,17 @@ class UpdateNetworkConfig:
                 raise ConfigError(f"config {name} must be a positive number, got {value!r}")
         if self.update_clip is not None and (not _is_number(self.update_clip) or not self.update_clip > 0):
             raise ConfigError(f"config update_clip must be a positive number or null, got {self.update_clip!r}")
+        if self.nominal_momentum is not None:
+            if self.nominal_momentum not in self.momentum_betas or isinstance(self.nominal_momentum, bool):
+                raise ConfigError(
+                    f"config nominal_momentum must be one of momentum_betas {self.momentum_betas} or null, "
+                    f"got {self.nominal_momentum!r}"
+                )
+            if not {"momentum_rms", "tensor_rms"} & set(self.features):
+                raise ConfigError(
+                    "config nominal_momentum needs the feature 'momentum_rms' or 'tensor_rms' (they keep "
+                    "the running gradient means it steps along); add one to features"
+                )
         if not isinstance(self.training, dict):
             raise ConfigError(f"config training must be an object, got {self.training!r}")
         if not isinstance(self.description, str) or not isinstance(self.library_version, str):

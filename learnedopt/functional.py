@@ -155,6 +155,8 @@ def _coordinate_step(
     else:
         out, new_lstm = net(x.to(net.head_weight.dtype), lstm.to(net.head_weight.dtype), pointwise=pointwise)
     out = out.to(g.dtype) * config.output_scale
+    if config.nominal_index is not None:  # plus a momentum-SGD step of learned size
+        out = out - net.nominal_log_lr.exp().to(g.dtype) * new_moments[:, config.nominal_index]
     if config.update_clip is not None:
         out = out.clamp(-config.update_clip, config.update_clip)
     if all_finite:

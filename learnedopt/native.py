@@ -43,7 +43,7 @@ __all__ = [
 
 SOURCE = Path(__file__).parent / "csrc" / "lstm_step.cpp"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "--param=vect-partial-vector-usage=2")
-ABI_VERSION = 4
+ABI_VERSION = 5
 #: Coordinates in the kernel's tiles, and the smallest register block of gate rows (see lstm_step.cpp).
 TILE, ROW_BLOCK = 16, 8
 #: Smallest range of coordinates worth a thread of its own.
@@ -72,6 +72,8 @@ class _StepArgs(ctypes.Structure):
         ("output_scale", ctypes.c_float),
         ("update_clip", ctypes.c_float),
         ("row_block", ctypes.c_int32),
+        ("nominal_index", ctypes.c_int32),
+        ("nominal_lr", ctypes.c_float),
     ]
 
 
@@ -143,7 +145,7 @@ def load_library() -> ctypes.CDLL:
         if _ERROR is not None:
             raise NativeUnavailable(_ERROR)
         try:
-            lib = ctypes.CDLL(os.environ.get("LO_DBG_LIB") or str(_build()))
+            lib = ctypes.CDLL(str(_build()))
             lib.learnedopt_abi_version.restype = ctypes.c_int32
             if lib.learnedopt_abi_version() != ABI_VERSION:
                 raise NativeUnavailable("the cached native kernel has the wrong ABI version; delete "
@@ -235,6 +237,9 @@ class PackedNetwork:
             self.features.data_ptr(), len(config.features), self.betas.data_ptr(), config.num_moments,
             config.rms_beta, config.rms_eps, config.feature_clip, config.preprocess_p,
             config.output_scale, -1.0 if config.update_clip is None else config.update_clip, block,
+            -1 if config.nominal_index is None else config.nominal_index,
+            # float32's exp, as in the PyTorch path
+            0.0 if net.nominal_log_lr is None else float(net.nominal_log_lr.detach().float().exp()),
         )
 
 

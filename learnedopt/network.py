@@ -27,7 +27,7 @@ class UpdateNetwork(nn.Module):
     on ``[x, h]`` gives all four gates.
     """
 
-    def __init__(self, input_size: int, hidden_size: int = 20, num_layers: int = 2) -> None:
+    def __init__(self, input_size: int, hidden_size: int = 20, num_layers: int = 2, nominal: bool = False) -> None:
         super().__init__()
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -39,6 +39,8 @@ class UpdateNetwork(nn.Module):
             self.register_parameter(f"bias_{layer}", nn.Parameter(torch.empty(4 * h)))
         self.head_weight = nn.Parameter(torch.empty(h))
         self.head_bias = nn.Parameter(torch.empty(()))
+        #: log step size of the nominal momentum step (``UpdateNetworkConfig.nominal_momentum``)
+        self.nominal_log_lr = nn.Parameter(torch.empty(())) if nominal else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -52,6 +54,8 @@ class UpdateNetwork(nn.Module):
                 bias[h : 2 * h].add_(1.0)
             self.head_weight.uniform_(-0.1 * bound, 0.1 * bound)
             self.head_bias.zero_()
+            if self.nominal_log_lr is not None:
+                self.nominal_log_lr.zero_()
 
     def layer_parameters(self) -> Iterator[tuple[Tensor, Tensor]]:
         for layer in range(self.num_layers):
@@ -145,7 +149,8 @@ class UpdateNetworks(nn.Module):
                 raise ValueError(f"role name {role!r} must be a Python identifier (letters, digits, _)")
             self.add_module(
                 role,
-                UpdateNetwork(self.config.input_size, self.config.hidden_size, self.config.num_layers),
+                UpdateNetwork(self.config.input_size, self.config.hidden_size, self.config.num_layers,
+                              nominal=self.config.nominal_momentum is not None),
             )
 
     @property
@@ -247,4 +252,6 @@ class UpdateNetworks(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"roles={c.roles}, hidden_size={c.hidden_size}, num_layers={c.num_layers}, features={c.features}"
+        nominal = "" if c.nominal_momentum is None else f", nominal_momentum={c.nominal_momentum}"
+        return (f"roles={c.roles}, hidden_size={c.hidden_size}, num_layers={c.num_layers}, "
+                f"features={c.features}{nominal}")

@@ -29,6 +29,8 @@ def _make_networks(
         for role in networks.roles:
             networks.network(role).head_weight.mul_(20.0)
             networks.network(role).head_bias.fill_(0.01)
+            if networks.network(role).nominal_log_lr is not None:  # a step of 0.2 x the momentum
+                networks.network(role).nominal_log_lr.fill_(-1.6)
     return networks
 
 

@@ -445,3 +445,54 @@ def test_compiled_is_differentiable_like_batched(make_networks):
         grads[impl] = [w.grad.clone() for w in networks.parameters()]
     for a, b in zip(grads["batched"], grads["compiled"]):
         assert_close_tight(a, b)
+
+
+# ---------------------------------------------------------------------- nominal momentum step
+@pytest.mark.parametrize("impl", ["reference", "batched", "native", "optimizer"])
+def test_nominal_momentum_with_a_silent_network_is_heavy_ball(make_networks, impl):
+    """With the LSTM's head at zero, ``nominal_momentum`` is momentum SGD written out by hand:
+    ``m <- 0.9 m + 0.1 g`` (``m`` starts at the first gradient), ``p <- p - lr * m``."""
+    if impl == "native":
+        pytest.importorskip("learnedopt.native")
+        from learnedopt import native
+
+        if not native.available():
+            pytest.skip("native kernel unavailable")
+    networks = make_networks(nominal_momentum=0.9, update_clip=None)
+    net = networks.dense
+    with torch.no_grad():
+        net.head_weight.zero_()
+        net.head_bias.zero_()
+        net.nominal_log_lr.fill_(math.log(0.3))
+    step_size = float(net.nominal_log_lr.detach().exp())
+    target = torch.linspace(-2.0, 2.0, 50)
+    expected, m = torch.zeros(50), None
+    for _ in range(6):
+        g = 2 * (expected - target)
+        m = g.clone() if m is None else 0.9 * m + 0.1 * g
+        expected = expected - step_size * m
+
+    p = torch.zeros(50, requires_grad=impl == "optimizer")
+    if impl == "optimizer":
+        opt = LSTMOptimizer([p], networks=networks)
+        for _ in range(6):
+            opt.zero_grad()
+            ((p - target) ** 2).sum().backward()
+            opt.step()
+    else:
+        state = None
+        for _ in range(6):
+            g = 2 * (p - target)
+            state = state or init_state(g, networks.config)
+            with torch.no_grad():
+                (d,), (state,) = lstm_update([p], [g], [state], networks, ["dense"], impl=impl)
+            p = p + d
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_nominal_step_size_gets_a_meta_gradient(make_networks):
+    networks = make_networks(nominal_momentum=0.5)
+    p, g = torch.randn(30), torch.randn(30)
+    (d,), _ = lstm_update([p], [g], [init_state(g, networks.config)], networks, ["dense"], impl="batched")
+    ((p + d) ** 2).sum().backward()
+    assert networks.dense.nominal_log_lr.grad is not None and networks.dense.nominal_log_lr.grad.abs() > 0

@@ -25,6 +25,7 @@ CONFIGS = {
     "logsign-only-1-layer": {"features": ["grad_logsign"], "num_layers": 1},
     "3-layers-hidden-8": {"num_layers": 3, "hidden_size": 8, "update_clip": None},
     "tensor-rms": {"features": ["grad_logsign", "tensor_rms"], "momentum_betas": [0.5, 0.9]},
+    "nominal-momentum": {"nominal_momentum": 0.9},
 }
 
 
@@ -81,7 +82,7 @@ def test_native_leaves_inputs_untouched(make_networks):
 
 
 @needs_compiler
-@pytest.mark.parametrize("name", ["paper-features", "3-layers-hidden-8"])
+@pytest.mark.parametrize("name", ["paper-features", "3-layers-hidden-8", "nominal-momentum"])
 def test_meta_gradient_native_matches_reference(make_networks, name):
     """Under autograd, impl="native" (fused LSTM pointwise kernel, forward and backward) gives the
     meta-gradient of the textbook per-tensor cell: three unrolled steps on a small quadratic."""

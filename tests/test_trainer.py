@@ -181,3 +181,15 @@ def test_config_file_supplies_every_flag(tmp_path: Path) -> None:
     assert main(["--config", str(cfg), "--no-progress", "--outer-steps", "2"]) == 0
     config = json.loads((tmp_path / "from-file" / "config.json").read_text())
     assert config["hidden_size"] == 6 and config["training"]["settings"]["outer_steps"] == 2
+
+
+def test_nominal_step_size_learns_faster_than_the_weights() -> None:
+    from learnedopt import UpdateNetworkConfig, UpdateNetworks
+    from learnedopt.training.trainer import NOMINAL_META_LR_SCALE, _meta_param_groups
+
+    networks = UpdateNetworks(UpdateNetworkConfig(roles=["dense", "bias"], nominal_momentum=0.9))
+    groups = _meta_param_groups(networks, 1e-3)
+    assert [p is networks.dense.nominal_log_lr or p is networks.bias.nominal_log_lr for p in groups[1]["params"]] == [True, True]
+    assert groups[1]["lr"] == pytest.approx(1e-3 * NOMINAL_META_LR_SCALE)
+    assert len(groups[0]["params"]) + 2 == len(list(networks.parameters()))
+    assert len(_meta_param_groups(UpdateNetworks(), 1e-3)) == 1

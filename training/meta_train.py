@@ -246,7 +246,8 @@ Limits: measured only on the families above; behaviour on other models is not co
 
 
 # ---------------------------------------------------------------------- command line
-_NETWORK_FLAGS = {"roles": str, "hidden_size": int, "features": str, "output_scale": float}
+_NETWORK_FLAGS = {"roles": str, "hidden_size": int, "features": str, "output_scale": float,
+                  "nominal_momentum": float}
 _RUN_FLAGS = {"name": None, "description": "A learned optimizer meta-trained with learnedopt.",
               "final_eval_tasks": 10, "threads": None}
 
@@ -269,6 +270,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=int)
     p.add_argument("--features", help="comma-separated input features (see learnedopt.FEATURES)")
     p.add_argument("--output-scale", type=float)
+    p.add_argument("--nominal-momentum", type=float,
+                   help="add a momentum-SGD step of learned size, with this beta (one of momentum_betas)")
     for f in dataclasses.fields(MetaTrainConfig):
         if f.name in ("task_family", "networks", "family_kwargs", "baselines", "baseline_lrs"):
             continue

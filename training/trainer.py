@@ -53,6 +53,8 @@ CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.jsonl"
 EVAL_NAME = "eval.json"
 DONE_NAME = "DONE"
+#: The nominal step's log step size learns this many times faster than the network weights.
+NOMINAL_META_LR_SCALE = 10.0
 
 #: Baseline optimizers for validation; the learning rate is tuned on ``baseline_lrs``.
 BASELINES: dict[str, Callable[[list[Tensor], float], torch.optim.Optimizer]] = {
@@ -87,7 +89,9 @@ class MetaTrainConfig:
         curriculum_start: Horizon at the start; it doubles every ``curriculum_every`` outer steps
             until it reaches ``horizon`` (``0``: no curriculum).
         curriculum_every: Outer steps between horizon doublings.
-        meta_lr: Adam learning rate for the network weights.
+        meta_lr: Adam learning rate for the network weights (the nominal step's log step size,
+            ``UpdateNetworkConfig.nominal_momentum``, learns ``NOMINAL_META_LR_SCALE`` times faster:
+            one scalar that must travel a few units of log scale while the weights move little).
         grad_clip: Bound on the meta-gradient's global norm.
         second_order: Differentiate through the optimizee's gradient (default: first order).
         seed: Seeds networks, tasks and evaluation.
@@ -601,7 +605,7 @@ class MetaTrainer:
         config = self.config
         torch.manual_seed(config.seed)
         self.networks = self._initial_networks()
-        self.meta_opt = torch.optim.Adam(self.networks.parameters(), lr=config.meta_lr)
+        self.meta_opt = torch.optim.Adam(_meta_param_groups(self.networks, config.meta_lr), lr=config.meta_lr)
         self.slots = [_Slot(i, torch.Generator().manual_seed(config.seed * 1_000_003 + i)) for i in self._local_slots()]
         self.nonfinite_in_row = self.nonfinite_total = 0
         self.best_score, self.best_step, self.best_weights = math.inf, -1, None
@@ -713,6 +717,16 @@ def _stack_key(slot: _Slot, config: MetaTrainConfig) -> tuple:
     if config.stack_tasks and not config.second_order and config.meta_objective == "loss" and type(task) is MLPTask:
         return ("mlp", tuple(task.sizes), task.activation, task.batch_size, slot.step)
     return ("alone", slot.index)
+
+
+def _meta_param_groups(networks: UpdateNetworks, meta_lr: float) -> list[dict[str, Any]]:
+    """Adam parameter groups: the network weights at ``meta_lr``, nominal log step sizes faster."""
+    nominal = [p for name, p in networks.named_parameters() if name.endswith("nominal_log_lr")]
+    weights = [p for name, p in networks.named_parameters() if not name.endswith("nominal_log_lr")]
+    groups: list[dict[str, Any]] = [{"params": weights}]
+    if nominal:
+        groups.append({"params": nominal, "lr": meta_lr * NOMINAL_META_LR_SCALE})
+    return groups
 
 
 def _config_diff(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

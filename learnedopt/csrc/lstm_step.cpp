@@ -119,6 +119,11 @@ __attribute__((noinline, optimize("fp-contract=off"))) static vf vema(float b, v
     return kept + added;
 }
 
+// out - lr * m, rounded like PyTorch's two ops (no FMA contraction)
+__attribute__((noinline, optimize("fp-contract=off"))) static vf vnominal(vf out, float lr, vf m) {
+    return out - lr * m;
+}
+
 static inline vf vabs(vf x) { return (vf)((vi)x & 0x7fffffff); }
 
 static inline vf vsqrt(vf x) {
@@ -187,6 +192,8 @@ struct StepArgs {
     float rms_beta, rms_eps, feature_clip, preprocess_p;
     float output_scale, update_clip;  // update_clip < 0: none
     int32_t row_block;                // R: 16 when 4H is a multiple of 16, else 8
+    int32_t nominal_index;            // running mean of the nominal momentum step; < 0: none
+    float nominal_lr;                 // its step size, exp(nominal_log_lr)
 };
 
 // Updates coordinates [0, n) of one tensor; returns how many had a non-finite gradient.
@@ -321,6 +328,7 @@ extern "C" int64_t learnedopt_lstm_step(
         vf out = splat(w[H]);
         for (int u = 0; u < H; u++) out += w[u] * nst[(L - 1) * H + u];
         out = out * a->output_scale;
+        if (a->nominal_index >= 0) out = vnominal(out, a->nominal_lr, mv[a->nominal_index]);
         if (a->update_clip >= 0) out = vclamp(out, -a->update_clip, a->update_clip);
         const float* outf = (const float*)&out;
         for (int t = 0; t < cnt; t++) {
@@ -427,4 +435,4 @@ extern "C" void learnedopt_lstm_pointwise_bwd(const float* dh, const float* dc, 
 }
 
 // Lets Python check that the library it loaded matches the source it was built from.
-extern "C" int32_t learnedopt_abi_version() { return 4; }
+extern "C" int32_t learnedopt_abi_version() { return 5; }
