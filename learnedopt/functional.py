@@ -232,18 +232,18 @@ def lstm_update(
 
     pointwise = "torch"
     if impl in ("native", "auto"):
+        from . import native
+
         grad_mode = torch.is_grad_enabled() and (
             any(g.requires_grad for g in flat_grads) or any(p.requires_grad for p in networks.parameters())
             or any(s["lstm"].requires_grad for s in states)
         )
         if not grad_mode:
-            if impl == "native" or _native_ready(networks):
+            if impl == "native" or native.usable_for(config):
                 return _native_update(params, flat_grads, states, networks, roles, lrs, wds)
         else:
             pointwise = impl
             if impl == "native":
-                from . import native
-
                 native.load_library()  # the reason, now, if it cannot be built
         impl = "batched"
 
@@ -287,12 +287,6 @@ def _tensor_scales(states: Sequence[State], config: UpdateNetworkConfig, sizes: 
         return None
     scales = [tensor_rms(st, config).expand(n) for st, n in zip(states, sizes)]
     return torch.cat(scales) if len(scales) > 1 else scales[0]
-
-
-def _native_ready(networks: UpdateNetworks) -> bool:
-    from . import native
-
-    return native.unsupported_reason(networks.config) is None and native.available()
 
 
 def _native_update(params, flat_grads, states, networks, roles, lrs, wds) -> tuple[list[Tensor], list[State]]:

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -186,6 +187,23 @@ def unsupported_reason(config: UpdateNetworkConfig) -> str | None:
     if config.num_moments > 64:
         return f"at most 63 momentum betas in the native kernel (got {config.num_moments - 1})"
     return None
+
+
+def usable_for(config: UpdateNetworkConfig, on_unavailable: Callable[[NativeUnavailable], None] | None = None) -> bool:
+    """Whether ``impl="auto"`` takes the kernel for this architecture: supported and buildable.
+
+    An unsupported architecture is a quiet ``False``; a supported one whose kernel cannot be built
+    here (no compiler, turned off) calls ``on_unavailable`` with the reason first.
+    """
+    if unsupported_reason(config):
+        return False
+    try:
+        load_library()
+    except NativeUnavailable as err:
+        if on_unavailable is not None:
+            on_unavailable(err)
+        return False
+    return True
 
 
 def check_supported(config: UpdateNetworkConfig) -> None:

@@ -27,6 +27,16 @@ _WARNED_NO_NATIVE = False
 _LSTM_STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
+def _warn_no_native(err: Exception) -> None:
+    """Once per process: ``impl="auto"`` fell back to the PyTorch path because of ``err``."""
+    global _WARNED_NO_NATIVE
+    if not _WARNED_NO_NATIVE:
+        _WARNED_NO_NATIVE = True
+        warnings.warn(f"LSTMOptimizer: using the slower PyTorch path (impl='batched') because "
+                      f"the native kernel is unavailable: {err}. Pass impl='batched' to silence this.",
+                      RuntimeWarning, stacklevel=5)
+
+
 class LSTMOptimizer(Optimizer):
     """A learned optimizer: a coordinate-wise two-layer LSTM turns each gradient into an update.
 
@@ -239,19 +249,8 @@ class LSTMOptimizer(Optimizer):
         """Which tensors the native kernel updates this step (none unless impl is auto/native)."""
         if self.impl not in ("auto", "native") or params[0].device.type != "cpu":
             return []
-        if self.impl == "auto":
-            if native.unsupported_reason(self.networks.config):
-                return []
-            try:
-                native.load_library()
-            except native.NativeUnavailable as err:
-                global _WARNED_NO_NATIVE
-                if not _WARNED_NO_NATIVE:
-                    _WARNED_NO_NATIVE = True
-                    warnings.warn(f"LSTMOptimizer: using the slower PyTorch path (impl='batched') because "
-                                  f"the native kernel is unavailable: {err}. Pass impl='batched' to silence this.",
-                                  RuntimeWarning, stacklevel=3)
-                return []
+        if self.impl == "auto" and not native.usable_for(self.networks.config, _warn_no_native):
+            return []
         return [i for i, (p, g, st) in enumerate(zip(params, grads, states)) if native.eligible(p, g, st)]
 
     def _packed(self, role: str) -> native.PackedNetwork:
