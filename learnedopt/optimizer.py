@@ -34,7 +34,7 @@ def _warn_no_native(err: Exception) -> None:
         _WARNED_NO_NATIVE = True
         warnings.warn(f"LSTMOptimizer: using the slower PyTorch path (impl='batched') because "
                       f"the native kernel is unavailable: {err}. Pass impl='batched' to silence this.",
-                      RuntimeWarning, stacklevel=5)
+                      RuntimeWarning, stacklevel=7)
 
 
 class LSTMOptimizer(Optimizer):
@@ -241,7 +241,7 @@ class LSTMOptimizer(Optimizer):
                 "were not updated and their LSTM state was kept. Check the loss for overflow: "
                 "lower the learning rate, clip gradients, or use loss scaling.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=4,  # step <- no_grad wrapper <- Optimizer's hook wrapper <- the caller
             )
         return loss
 
