@@ -247,8 +247,9 @@ def test_turned_off_by_environment(make_networks, fresh_native, monkeypatch):
     p = torch.nn.Parameter(torch.ones(3))
     opt = LSTMOptimizer([p], networks=make_networks())
     p.grad = torch.ones(3)
-    with pytest.warns(RuntimeWarning, match="native kernel is unavailable"):
+    with pytest.warns(RuntimeWarning, match="native kernel is unavailable") as record:
         opt.step()
+    assert record[0].filename == __file__  # points at the caller's step(), not at torch's wrappers
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once per process, not every step
         opt.step()
