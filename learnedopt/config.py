@@ -64,12 +64,13 @@ class UpdateNetworkConfig:
         update_clip: Bound on the magnitude of each coordinate's update (before ``lr``), a
             safeguard against blow-ups past the trained horizon. ``None`` for no bound.
         nominal_momentum: ``None`` (the paper's setup): the update is the network's output alone.
-            A decay rate from ``momentum_betas``: the update is the network's output plus a plain
-            momentum step ``-exp(nominal_log_lr) * m``, where ``m`` is the running gradient mean
-            with this decay and ``nominal_log_lr`` a learned scalar of each network (starting at 0,
-            step size 1), so the LSTM learns a correction to momentum SGD (a "nominal descent
-            direction"). Needs ``momentum_rms`` or ``tensor_rms`` among the features (they keep
-            the running means). ``update_clip`` bounds the sum.
+            A momentum ``mu`` in ``[0, 1)``: the update is the network's output plus a Nesterov
+            momentum step ``-exp(nominal_log_lr) * ((1 - mu) * g + mu * e)``, where ``e`` is a
+            running mean of the gradient with decay ``mu`` that starts at zero (so this is
+            ``torch.optim.SGD(nesterov=True)`` with learning rate ``(1 - mu) * exp(nominal_log_lr)``,
+            including its warm-up) and ``nominal_log_lr`` a learned scalar of each network
+            (starting at 0). The LSTM then learns a correction to a momentum step of learned size
+            (a "nominal descent direction"). ``update_clip`` bounds the sum.
         format_version: Version of the directory format that wrote this config.
         library_version: learnedopt version that wrote this config.
         description: One line saying what this optimizer is for.
@@ -112,23 +113,32 @@ class UpdateNetworkConfig:
 
     @property
     def uses_moments(self) -> bool:
-        """Whether the features need the running gradient moments kept in the state."""
-        return any(name in ("grad_rms", "momentum_rms", "tensor_rms") for name in self.features)
+        """Whether the update needs running gradient moments kept in the state."""
+        return self.nominal_momentum is not None or any(
+            name in ("grad_rms", "momentum_rms", "tensor_rms") for name in self.features
+        )
+
+    @property
+    def feature_means(self) -> int:
+        """Running gradient means that the features read (the first columns of the moments)."""
+        return len(self.momentum_betas) if {"momentum_rms", "tensor_rms"} & set(self.features) else 0
+
+    @property
+    def moment_betas(self) -> list[float]:
+        """Decay rates of the running means kept in the state, in column order: the features'
+        means, then the nominal step's (which starts at zero)."""
+        nominal = [] if self.nominal_momentum is None else [self.nominal_momentum]
+        return list(self.momentum_betas[: self.feature_means]) + nominal
 
     @property
     def num_moments(self) -> int:
         """Per-coordinate moment buffers kept in the state: the means, then the second moment."""
-        if not self.uses_moments:
-            return 0
-        means = len(self.momentum_betas) if {"momentum_rms", "tensor_rms"} & set(self.features) else 0
-        return means + 1
+        return len(self.moment_betas) + 1 if self.uses_moments else 0
 
     @property
     def nominal_index(self) -> int | None:
-        """Column of the running means that the nominal momentum step uses (``None`` without one)."""
-        if self.nominal_momentum is None:
-            return None
-        return self.momentum_betas.index(self.nominal_momentum)
+        """Column of the moments that holds the nominal step's running mean (``None`` without one)."""
+        return None if self.nominal_momentum is None else self.feature_means
 
     def architecture(self) -> dict[str, Any]:
         """The fields that decide the shapes of weights and state and the update's math."""
@@ -179,17 +189,12 @@ class UpdateNetworkConfig:
                 raise ConfigError(f"config {name} must be a positive number, got {value!r}")
         if self.update_clip is not None and (not _is_number(self.update_clip) or not self.update_clip > 0):
             raise ConfigError(f"config update_clip must be a positive number or null, got {self.update_clip!r}")
-        if self.nominal_momentum is not None:
-            if self.nominal_momentum not in self.momentum_betas or isinstance(self.nominal_momentum, bool):
-                raise ConfigError(
-                    f"config nominal_momentum must be one of momentum_betas {self.momentum_betas} or null, "
-                    f"got {self.nominal_momentum!r}"
-                )
-            if not {"momentum_rms", "tensor_rms"} & set(self.features):
-                raise ConfigError(
-                    "config nominal_momentum needs the feature 'momentum_rms' or 'tensor_rms' (they keep "
-                    "the running gradient means it steps along); add one to features"
-                )
+        if self.nominal_momentum is not None and (
+            not _is_number(self.nominal_momentum) or not 0.0 <= self.nominal_momentum < 1.0
+        ):
+            raise ConfigError(
+                f"config nominal_momentum must be a number in [0, 1) or null, got {self.nominal_momentum!r}"
+            )
         if not isinstance(self.training, dict):
             raise ConfigError(f"config training must be an object, got {self.training!r}")
         if not isinstance(self.description, str) or not isinstance(self.library_version, str):

@@ -6,8 +6,9 @@ meta-trainer calls the very same function with gradients flowing into the networ
 Per-coordinate state of a tensor is a dict of flat tensors:
 
 - ``"lstm"``: ``(numel, 2 * num_layers * hidden_size)`` hidden and cell states;
-- ``"moments"`` (only when the features use them): ``(numel, K)`` running gradient means, one per
-  ``momentum_betas``, then the running second moment.
+- ``"moments"`` (only when the update uses them): ``(numel, K)`` running gradient means, one per
+  ``momentum_betas`` (when the features read them), then the nominal step's (with
+  ``nominal_momentum``), then the running second moment.
 
 Two implementations compute the same update:
 
@@ -60,7 +61,8 @@ def init_state(grad: Tensor, config: UpdateNetworkConfig, lstm_dtype: torch.dtyp
     The LSTM state starts at zero, stored in ``lstm_dtype`` (default: float32, or float64 for
     float64 parameters; ``torch.bfloat16`` halves its memory while the math stays in float32).
     The running moments start at the first gradient (means) and its square (second moment), so
-    that no bias correction is needed; non-finite entries start at 0.
+    that no bias correction is needed, except the nominal step's mean, which starts at zero as
+    SGD's momentum buffer does; non-finite entries start at 0.
     """
     dtype = state_dtype(grad.dtype)
     g = grad.detach().reshape(-1).to(dtype)
@@ -72,16 +74,16 @@ def init_state(grad: Tensor, config: UpdateNetworkConfig, lstm_dtype: torch.dtyp
         )
     }
     if config.uses_moments:
-        means = config.num_moments - 1
-        state["moments"] = torch.cat([g[:, None].expand(n, means), (g * g)[:, None]], dim=1).contiguous()
+        cols = [g[:, None].expand(n, config.feature_means)]
+        if config.nominal_index is not None:
+            cols.append(torch.zeros(n, 1, dtype=dtype, device=g.device))
+        state["moments"] = torch.cat([*cols, (g * g)[:, None]], dim=1).contiguous()
     return state
 
 
 def _update_moments(g: Tensor, moments: Tensor, config: UpdateNetworkConfig) -> Tensor:
     means = config.num_moments - 1
-    betas = torch.tensor(
-        [*config.momentum_betas[:means], config.rms_beta], dtype=moments.dtype, device=moments.device
-    )
+    betas = torch.tensor([*config.moment_betas, config.rms_beta], dtype=moments.dtype, device=moments.device)
     target = torch.cat([g[:, None].expand(-1, means), (g * g)[:, None]], dim=1)
     return betas * moments + (1 - betas) * target
 
@@ -155,8 +157,10 @@ def _coordinate_step(
     else:
         out, new_lstm = net(x.to(net.head_weight.dtype), lstm.to(net.head_weight.dtype), pointwise=pointwise)
     out = out.to(g.dtype) * config.output_scale
-    if config.nominal_index is not None:  # plus a momentum-SGD step of learned size
-        out = out - net.nominal_log_lr.exp().to(g.dtype) * new_moments[:, config.nominal_index]
+    if config.nominal_index is not None:  # plus a Nesterov momentum step of learned size
+        mu = config.nominal_momentum
+        direction = (1 - mu) * g_safe + mu * new_moments[:, config.nominal_index]
+        out = out - net.nominal_log_lr.exp().to(g.dtype) * direction
     if config.update_clip is not None:
         out = out.clamp(-config.update_clip, config.update_clip)
     if all_finite:

@@ -44,7 +44,7 @@ __all__ = [
 
 SOURCE = Path(__file__).parent / "csrc" / "lstm_step.cpp"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "--param=vect-partial-vector-usage=2")
-ABI_VERSION = 5
+ABI_VERSION = 6
 #: Coordinates in the kernel's tiles, and the smallest register block of gate rows (see lstm_step.cpp).
 TILE, ROW_BLOCK = 16, 8
 #: Smallest range of coordinates worth a thread of its own.
@@ -73,8 +73,11 @@ class _StepArgs(ctypes.Structure):
         ("output_scale", ctypes.c_float),
         ("update_clip", ctypes.c_float),
         ("row_block", ctypes.c_int32),
+        ("feature_means", ctypes.c_int32),
         ("nominal_index", ctypes.c_int32),
         ("nominal_lr", ctypes.c_float),
+        ("nominal_c1", ctypes.c_float),
+        ("nominal_c2", ctypes.c_float),
     ]
 
 
@@ -185,7 +188,7 @@ def unsupported_reason(config: UpdateNetworkConfig) -> str | None:
     if (4 * config.hidden_size) % ROW_BLOCK:
         return f"hidden_size must be even for the native kernel (got {config.hidden_size})"
     if config.num_moments > 64:
-        return f"at most 63 momentum betas in the native kernel (got {config.num_moments - 1})"
+        return f"at most 63 running means in the native kernel (got {config.num_moments - 1})"
     return None
 
 
@@ -245,8 +248,7 @@ class PackedNetwork:
                        net.head_bias.detach().to(torch.float32).reshape(1)]
         self.weights = torch.cat(pieces).contiguous()
         self.features = torch.tensor([_FEATURE_CODES[f] for f in config.features], dtype=torch.int32)
-        means = max(config.num_moments - 1, 0)
-        self.betas = torch.tensor(list(config.momentum_betas[:means]) or [0.0], dtype=torch.float32)
+        self.betas = torch.tensor(config.moment_betas or [0.0], dtype=torch.float32)
         self.state_size = 2 * config.num_layers * h
         self.num_moments = config.num_moments
         self.config = config
@@ -255,9 +257,10 @@ class PackedNetwork:
             self.features.data_ptr(), len(config.features), self.betas.data_ptr(), config.num_moments,
             config.rms_beta, config.rms_eps, config.feature_clip, config.preprocess_p,
             config.output_scale, -1.0 if config.update_clip is None else config.update_clip, block,
-            -1 if config.nominal_index is None else config.nominal_index,
+            config.feature_means, -1 if config.nominal_index is None else config.nominal_index,
             # float32's exp, as in the PyTorch path
             0.0 if net.nominal_log_lr is None else float(net.nominal_log_lr.detach().float().exp()),
+            1.0 - (config.nominal_momentum or 0.0), config.nominal_momentum or 0.0,
         )
 
 

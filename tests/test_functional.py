@@ -449,11 +449,10 @@ def test_compiled_is_differentiable_like_batched(make_networks):
 
 # ---------------------------------------------------------------------- nominal momentum step
 @pytest.mark.parametrize("impl", ["reference", "batched", "native", "optimizer"])
-def test_nominal_momentum_with_a_silent_network_is_heavy_ball(make_networks, impl):
-    """With the LSTM's head at zero, ``nominal_momentum`` is momentum SGD written out by hand:
-    ``m <- 0.9 m + 0.1 g`` (``m`` starts at the first gradient), ``p <- p - lr * m``."""
+def test_nominal_momentum_with_a_silent_network_is_torch_nesterov(make_networks, impl):
+    """With the LSTM's head at zero, ``nominal_momentum=mu`` is ``torch.optim.SGD`` with Nesterov
+    momentum ``mu`` and learning rate ``(1 - mu) * exp(nominal_log_lr)``."""
     if impl == "native":
-        pytest.importorskip("learnedopt.native")
         from learnedopt import native
 
         if not native.available():
@@ -463,31 +462,35 @@ def test_nominal_momentum_with_a_silent_network_is_heavy_ball(make_networks, imp
     with torch.no_grad():
         net.head_weight.zero_()
         net.head_bias.zero_()
-        net.nominal_log_lr.fill_(math.log(0.3))
-    step_size = float(net.nominal_log_lr.detach().exp())
+        net.nominal_log_lr.fill_(math.log(3.0))
     target = torch.linspace(-2.0, 2.0, 50)
-    expected, m = torch.zeros(50), None
-    for _ in range(6):
-        g = 2 * (expected - target)
-        m = g.clone() if m is None else 0.9 * m + 0.1 * g
-        expected = expected - step_size * m
 
-    p = torch.zeros(50, requires_grad=impl == "optimizer")
+    def loss_of(p):
+        return ((p - target) ** 2).sum() + 0.1 * (p ** 4).sum()
+
+    expected = torch.zeros(50, requires_grad=True)
+    sgd = torch.optim.SGD([expected], lr=0.1 * float(net.nominal_log_lr.detach().exp()), momentum=0.9, nesterov=True)
+    for _ in range(8):
+        sgd.zero_grad()
+        loss_of(expected).backward()
+        sgd.step()
+
+    p = torch.zeros(50, requires_grad=True)
     if impl == "optimizer":
         opt = LSTMOptimizer([p], networks=networks)
-        for _ in range(6):
+        for _ in range(8):
             opt.zero_grad()
-            ((p - target) ** 2).sum().backward()
+            loss_of(p).backward()
             opt.step()
     else:
         state = None
-        for _ in range(6):
-            g = 2 * (p - target)
+        for _ in range(8):
+            (g,) = torch.autograd.grad(loss_of(p), [p])
             state = state or init_state(g, networks.config)
             with torch.no_grad():
                 (d,), (state,) = lstm_update([p], [g], [state], networks, ["dense"], impl=impl)
-            p = p + d
-    torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
+                p = (p + d).requires_grad_(True)
+    torch.testing.assert_close(p.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_nominal_step_size_gets_a_meta_gradient(make_networks):

@@ -26,6 +26,7 @@ CONFIGS = {
     "3-layers-hidden-8": {"num_layers": 3, "hidden_size": 8, "update_clip": None},
     "tensor-rms": {"features": ["grad_logsign", "tensor_rms"], "momentum_betas": [0.5, 0.9]},
     "nominal-momentum": {"nominal_momentum": 0.9},
+    "nominal-logsign-only": {"nominal_momentum": 0.5, "features": ["grad_logsign"]},
 }
 
 

@@ -271,7 +271,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--features", help="comma-separated input features (see learnedopt.FEATURES)")
     p.add_argument("--output-scale", type=float)
     p.add_argument("--nominal-momentum", type=float,
-                   help="add a momentum-SGD step of learned size, with this beta (one of momentum_betas)")
+                   help="add a Nesterov momentum step of learned size with this momentum, e.g. 0.9")
     for f in dataclasses.fields(MetaTrainConfig):
         if f.name in ("task_family", "networks", "family_kwargs", "baselines", "baseline_lrs"):
             continue

@@ -119,9 +119,11 @@ __attribute__((noinline, optimize("fp-contract=off"))) static vf vema(float b, v
     return kept + added;
 }
 
-// out - lr * m, rounded like PyTorch's two ops (no FMA contraction)
-__attribute__((noinline, optimize("fp-contract=off"))) static vf vnominal(vf out, float lr, vf m) {
-    return out - lr * m;
+// out - lr * (c1 * g + c2 * e): the Nesterov step, rounded like PyTorch's separate ops
+__attribute__((noinline, optimize("fp-contract=off"))) static vf vnominal(vf out, float lr, float c1, float c2, vf g,
+                                                                          vf e) {
+    const vf direction = c1 * g + c2 * e;
+    return out - lr * direction;
 }
 
 static inline vf vabs(vf x) { return (vf)((vi)x & 0x7fffffff); }
@@ -188,12 +190,13 @@ struct StepArgs {
     const int32_t* features;
     int32_t num_features;
     const float* betas;   // decay rates of the running means (num_moments - 1 of them)
-    int32_t num_moments;  // running means + the second moment; 0 when the features use none
+    int32_t num_moments;  // running means + the second moment; 0 when the update uses none
     float rms_beta, rms_eps, feature_clip, preprocess_p;
     float output_scale, update_clip;  // update_clip < 0: none
     int32_t row_block;                // R: 16 when 4H is a multiple of 16, else 8
-    int32_t nominal_index;            // running mean of the nominal momentum step; < 0: none
-    float nominal_lr;                 // its step size, exp(nominal_log_lr)
+    int32_t feature_means;            // running means read by the features (the first columns)
+    int32_t nominal_index;            // column of the nominal step's running mean; < 0: none
+    float nominal_lr, nominal_c1, nominal_c2;  // exp(nominal_log_lr), 1 - mu, mu
 };
 
 // Updates coordinates [0, n) of one tensor; returns how many had a non-finite gradient.
@@ -258,11 +261,11 @@ extern "C" int64_t learnedopt_lstm_step(
                     Z[col++] = vclamp(g / rms, -clip, clip);
                     break;
                 case MOMENTUM_RMS:
-                    for (int k = 0; k < M - 1; k++) Z[col++] = vclamp(mv[k] / rms, -clip, clip);
+                    for (int k = 0; k < a->feature_means; k++) Z[col++] = vclamp(mv[k] / rms, -clip, clip);
                     break;
                 default:  // TENSOR_RMS: the divisor is the tensor's, computed before the step
                     Z[col++] = vclamp(g / tensor_scale, -clip, clip);
-                    for (int k = 0; k < M - 1; k++) Z[col++] = vclamp(mv[k] / tensor_scale, -clip, clip);
+                    for (int k = 0; k < a->feature_means; k++) Z[col++] = vclamp(mv[k] / tensor_scale, -clip, clip);
             }
         }
         // ---- load the tile's LSTM state, transposed (lanes = coordinates)
@@ -328,7 +331,8 @@ extern "C" int64_t learnedopt_lstm_step(
         vf out = splat(w[H]);
         for (int u = 0; u < H; u++) out += w[u] * nst[(L - 1) * H + u];
         out = out * a->output_scale;
-        if (a->nominal_index >= 0) out = vnominal(out, a->nominal_lr, mv[a->nominal_index]);
+        if (a->nominal_index >= 0)
+            out = vnominal(out, a->nominal_lr, a->nominal_c1, a->nominal_c2, g, mv[a->nominal_index]);
         if (a->update_clip >= 0) out = vclamp(out, -a->update_clip, a->update_clip);
         const float* outf = (const float*)&out;
         for (int t = 0; t < cnt; t++) {
@@ -435,4 +439,4 @@ extern "C" void learnedopt_lstm_pointwise_bwd(const float* dh, const float* dc, 
 }
 
 // Lets Python check that the library it loaded matches the source it was built from.
-extern "C" int32_t learnedopt_abi_version() { return 5; }
+extern "C" int32_t learnedopt_abi_version() { return 6; }
