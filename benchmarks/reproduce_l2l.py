@@ -20,6 +20,7 @@ Each suite writes ``<out>/<suite>.json``, ``<out>/<suite>.md`` (the table) and `
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -53,6 +54,17 @@ def summarize(curves: list[list[float]], at: list[int], every: int = 1) -> dict:
     out["mean_curve"] = [statistics.fmean(c[i] for c in curves) for i in range(n)]
     out["std_curve"] = [statistics.pstdev([c[i] for c in curves]) for i in range(n)]
     return out
+
+
+def without_correction(networks: UpdateNetworks) -> UpdateNetworks:
+    """A copy whose LSTM heads output zero: what is left is the nominal momentum step alone, at the
+    learned step size (the ablation that shows what the LSTM's correction adds)."""
+    bare = copy.deepcopy(networks)
+    with torch.no_grad():
+        for role in bare.roles:
+            bare.network(role).head_weight.zero_()
+            bare.network(role).head_bias.zero_()
+    return bare
 
 
 def run_setting(name: str, family: TaskFamily, networks: UpdateNetworks, problems: int, steps: int,
@@ -171,7 +183,9 @@ def main() -> None:
         settings = [("1000 steps (trained on 100)", MLPFamily("fashion_mnist", data_dir=args.data_dir), 1000, 1000,
                      [100, 1000])]
     every = 10 if args.suite == "long" else 1
-    extra = {"one shared network": UpdateNetworks.from_pretrained(args.shared)} if args.shared else None
+    extra = {"one shared network": UpdateNetworks.from_pretrained(args.shared)} if args.shared else {}
+    if nets.config.nominal_momentum is not None:
+        extra["head off: its Nesterov step alone, at the learned step size"] = without_correction(nets)
     results = [run_setting(name, fam, nets, args.problems, steps, tune_at, at, args.bf16_state, extra, every)
                for name, fam, steps, tune_at, at in settings]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
