@@ -27,6 +27,9 @@ FORMAT_VERSION = 1
 #:   (1 + one per beta inputs). Invariant to the loss's scale, like ``*_rms``, but it keeps the
 #:   relative sizes of a tensor's coordinates, so an update can be proportional to the gradient
 #:   (SGD/momentum-like) instead of to its sign (Adam-like).
+#: How a network corrects the nominal momentum step (``UpdateNetworkConfig.nominal_correction``).
+NOMINAL_CORRECTIONS = ("add", "scale")
+
 FEATURES = {"grad_logsign": 2, "grad_rms": 1, "momentum_rms": None, "tensor_rms": None}
 
 
@@ -71,6 +74,10 @@ class UpdateNetworkConfig:
             including its warm-up) and ``nominal_log_lr`` a learned scalar of each network
             (starting at 0). The LSTM then learns a correction to a momentum step of learned size
             (a "nominal descent direction"). ``update_clip`` bounds the sum.
+        nominal_correction: How the network corrects the nominal step: ``"add"`` (its output times
+            ``output_scale`` is added to the step) or ``"scale"`` (the step's size is multiplied
+            by ``exp(output_scale * output)`` per coordinate: a learned per-coordinate, per-step
+            learning rate that keeps the step's direction).
         format_version: Version of the directory format that wrote this config.
         library_version: learnedopt version that wrote this config.
         description: One line saying what this optimizer is for.
@@ -89,6 +96,7 @@ class UpdateNetworkConfig:
     output_scale: float = 0.1
     update_clip: float | None = 1.0
     nominal_momentum: float | None = None
+    nominal_correction: str = "add"
     format_version: int = FORMAT_VERSION
     library_version: str = ""
     description: str = ""
@@ -194,6 +202,10 @@ class UpdateNetworkConfig:
         ):
             raise ConfigError(
                 f"config nominal_momentum must be a number in [0, 1) or null, got {self.nominal_momentum!r}"
+            )
+        if self.nominal_correction not in NOMINAL_CORRECTIONS:
+            raise ConfigError(
+                f"config nominal_correction must be one of {list(NOMINAL_CORRECTIONS)}, got {self.nominal_correction!r}"
             )
         if not isinstance(self.training, dict):
             raise ConfigError(f"config training must be an object, got {self.training!r}")

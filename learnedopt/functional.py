@@ -160,7 +160,10 @@ def _coordinate_step(
     if config.nominal_index is not None:  # plus a Nesterov momentum step of learned size
         mu = config.nominal_momentum
         direction = (1 - mu) * g_safe + mu * new_moments[:, config.nominal_index]
-        out = out - net.nominal_log_lr.exp().to(g.dtype) * direction
+        if config.nominal_correction == "scale":
+            out = -(net.nominal_log_lr.to(g.dtype) + out).exp() * direction
+        else:
+            out = out - net.nominal_log_lr.exp().to(g.dtype) * direction
     if config.update_clip is not None:
         out = out.clamp(-config.update_clip, config.update_clip)
     if all_finite:

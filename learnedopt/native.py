@@ -44,7 +44,7 @@ __all__ = [
 
 SOURCE = Path(__file__).parent / "csrc" / "lstm_step.cpp"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "--param=vect-partial-vector-usage=2")
-ABI_VERSION = 6
+ABI_VERSION = 7
 #: Coordinates in the kernel's tiles, and the smallest register block of gate rows (see lstm_step.cpp).
 TILE, ROW_BLOCK = 16, 8
 #: Smallest range of coordinates worth a thread of its own.
@@ -78,6 +78,8 @@ class _StepArgs(ctypes.Structure):
         ("nominal_lr", ctypes.c_float),
         ("nominal_c1", ctypes.c_float),
         ("nominal_c2", ctypes.c_float),
+        ("nominal_scale", ctypes.c_int32),
+        ("nominal_log_lr", ctypes.c_float),
     ]
 
 
@@ -261,6 +263,8 @@ class PackedNetwork:
             # float32's exp, as in the PyTorch path
             0.0 if net.nominal_log_lr is None else float(net.nominal_log_lr.detach().float().exp()),
             1.0 - (config.nominal_momentum or 0.0), config.nominal_momentum or 0.0,
+            int(config.nominal_correction == "scale"),
+            0.0 if net.nominal_log_lr is None else float(net.nominal_log_lr.detach().float()),
         )
 
 

@@ -448,8 +448,9 @@ def test_compiled_is_differentiable_like_batched(make_networks):
 
 
 # ---------------------------------------------------------------------- nominal momentum step
+@pytest.mark.parametrize("correction", ["add", "scale"])
 @pytest.mark.parametrize("impl", ["reference", "batched", "native", "optimizer"])
-def test_nominal_momentum_with_a_silent_network_is_torch_nesterov(make_networks, impl):
+def test_nominal_momentum_with_a_silent_network_is_torch_nesterov(make_networks, impl, correction):
     """With the LSTM's head at zero, ``nominal_momentum=mu`` is ``torch.optim.SGD`` with Nesterov
     momentum ``mu`` and learning rate ``(1 - mu) * exp(nominal_log_lr)``."""
     if impl == "native":
@@ -457,7 +458,7 @@ def test_nominal_momentum_with_a_silent_network_is_torch_nesterov(make_networks,
 
         if not native.available():
             pytest.skip("native kernel unavailable")
-    networks = make_networks(nominal_momentum=0.9, update_clip=None)
+    networks = make_networks(nominal_momentum=0.9, nominal_correction=correction, update_clip=None)
     net = networks.dense
     with torch.no_grad():
         net.head_weight.zero_()

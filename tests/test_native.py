@@ -27,6 +27,7 @@ CONFIGS = {
     "tensor-rms": {"features": ["grad_logsign", "tensor_rms"], "momentum_betas": [0.5, 0.9]},
     "nominal-momentum": {"nominal_momentum": 0.9},
     "nominal-logsign-only": {"nominal_momentum": 0.5, "features": ["grad_logsign"]},
+    "nominal-scale": {"nominal_momentum": 0.9, "nominal_correction": "scale"},
 }
 
 
@@ -83,7 +84,7 @@ def test_native_leaves_inputs_untouched(make_networks):
 
 
 @needs_compiler
-@pytest.mark.parametrize("name", ["paper-features", "3-layers-hidden-8", "nominal-momentum"])
+@pytest.mark.parametrize("name", ["paper-features", "3-layers-hidden-8", "nominal-momentum", "nominal-scale"])
 def test_meta_gradient_native_matches_reference(make_networks, name):
     """Under autograd, impl="native" (fused LSTM pointwise kernel, forward and backward) gives the
     meta-gradient of the textbook per-tensor cell: three unrolled steps on a small quadratic."""

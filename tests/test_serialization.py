@@ -414,6 +414,8 @@ BAD_CONFIGS = [
     pytest.param({"format_version": FORMAT_VERSION + 1}, "upgrade", id="newer-format"),
     pytest.param({"nominal_momentum": 1.0}, r"nominal_momentum must be a number in \[0, 1\) or null, got 1.0",
                  id="nominal-momentum-1"),
+    pytest.param({"nominal_correction": "mul"}, r"nominal_correction must be one of \['add', 'scale'\], got 'mul'",
+                 id="nominal-correction-unknown"),
 ]
 
 

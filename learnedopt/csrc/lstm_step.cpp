@@ -119,11 +119,15 @@ __attribute__((noinline, optimize("fp-contract=off"))) static vf vema(float b, v
     return kept + added;
 }
 
-// out - lr * (c1 * g + c2 * e): the Nesterov step, rounded like PyTorch's separate ops
-__attribute__((noinline, optimize("fp-contract=off"))) static vf vnominal(vf out, float lr, float c1, float c2, vf g,
+// The Nesterov step c1 * g + c2 * e, corrected by the network's output: out - lr * step, or
+// -exp(log_lr + out) * step; rounded like PyTorch's separate ops
+__attribute__((noinline, optimize("fp-contract=off"))) static vf vnominal(vf out, const float* c, int scale, vf g,
                                                                           vf e) {
-    const vf direction = c1 * g + c2 * e;
-    return out - lr * direction;
+    const vf direction = c[1] * g + c[2] * e;
+    if (!scale) return out - c[0] * direction;
+    vf size = c[3] + out;
+    for (int t = 0; t < TILE; t++) size[t] = std::exp(size[t]);
+    return -size * direction;
 }
 
 static inline vf vabs(vf x) { return (vf)((vi)x & 0x7fffffff); }
@@ -197,6 +201,8 @@ struct StepArgs {
     int32_t feature_means;            // running means read by the features (the first columns)
     int32_t nominal_index;            // column of the nominal step's running mean; < 0: none
     float nominal_lr, nominal_c1, nominal_c2;  // exp(nominal_log_lr), 1 - mu, mu
+    int32_t nominal_scale;            // 0: the network's output is added; 1: it scales the step
+    float nominal_log_lr;
 };
 
 // Updates coordinates [0, n) of one tensor; returns how many had a non-finite gradient.
@@ -331,8 +337,10 @@ extern "C" int64_t learnedopt_lstm_step(
         vf out = splat(w[H]);
         for (int u = 0; u < H; u++) out += w[u] * nst[(L - 1) * H + u];
         out = out * a->output_scale;
-        if (a->nominal_index >= 0)
-            out = vnominal(out, a->nominal_lr, a->nominal_c1, a->nominal_c2, g, mv[a->nominal_index]);
+        if (a->nominal_index >= 0) {
+            const float c[4] = {a->nominal_lr, a->nominal_c1, a->nominal_c2, a->nominal_log_lr};
+            out = vnominal(out, c, a->nominal_scale, g, mv[a->nominal_index]);
+        }
         if (a->update_clip >= 0) out = vclamp(out, -a->update_clip, a->update_clip);
         const float* outf = (const float*)&out;
         for (int t = 0; t < cnt; t++) {
@@ -439,4 +447,4 @@ extern "C" void learnedopt_lstm_pointwise_bwd(const float* dh, const float* dc, 
 }
 
 // Lets Python check that the library it loaded matches the source it was built from.
-extern "C" int32_t learnedopt_abi_version() { return 6; }
+extern "C" int32_t learnedopt_abi_version() { return 7; }
