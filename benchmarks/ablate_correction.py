@@ -1,0 +1,79 @@
+"""What the LSTM's correction adds to a nominal Nesterov step: an optimizer with and without it.
+
+Loads update networks with ``nominal_momentum`` (a pretrained name or directory, or a trainer
+checkpoint's ``networks`` / ``best_networks``), samples the meta-trainer's validation tasks of a
+family (the same seed as ``learnedopt-train --seed``), and prints the mean final loss with the
+LSTM's head as trained, with the head at zero (the Nesterov step alone at the learned step
+size), and, with ``--step-sizes``, the Nesterov step alone at other ``torch.optim.SGD`` learning
+rates.
+
+Usage::
+
+    python benchmarks/ablate_correction.py --networks runs/l2l-mlp-scale/checkpoint.pt:best_networks \\
+        --family mlp --data-dir ../shared/data --step-sizes 0.3
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from learnedopt import UpdateNetworkConfig, UpdateNetworks
+from learnedopt.training import resolve_family
+from learnedopt.training.trainer import _final_score, learned_curves
+
+
+def load(spec: str) -> UpdateNetworks:
+    if ".pt:" in spec:
+        path, key = spec.rsplit(":", 1)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        networks = UpdateNetworks(UpdateNetworkConfig(**checkpoint["config"]["networks"]))
+        networks.load_state_dict(checkpoint[key])
+        return networks
+    return UpdateNetworks.from_pretrained(spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--networks", required=True, help="pretrained name/dir, or CHECKPOINT.pt:networks|best_networks")
+    parser.add_argument("--family", default="mlp")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0, help="the meta-training run's --seed (validation tasks)")
+    parser.add_argument("--step-sizes", type=lambda s: [float(x) for x in s.split(",")], default=[])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    networks = load(args.networks)
+    config = networks.config
+    if config.nominal_momentum is None:
+        parser.error("these networks have no nominal step (nominal_momentum is null)")
+    family = resolve_family(args.family, {}, args.data_dir)
+    generator = torch.Generator().manual_seed(10_000_019 + args.seed)  # the trainer's validation tasks
+    tasks = [family.sample(generator) for _ in range(args.tasks)]
+    mu = config.nominal_momentum
+
+    def sgd_lr(nets: UpdateNetworks) -> float:
+        return (1 - mu) * math.exp(float(nets.network(nets.roles[0]).nominal_log_lr.detach()))
+
+    print(f"{args.tasks} validation tasks of {args.family!r}, mean loss at step {args.steps}")
+    print(f"as trained (SGD-equivalent step size {sgd_lr(networks):.4g}): "
+          f"{_final_score(learned_curves(networks, tasks, args.steps)):.4f}")
+    with torch.no_grad():
+        for role in networks.roles:
+            networks.network(role).head_weight.zero_()
+            networks.network(role).head_bias.zero_()
+    print(f"head at zero, Nesterov alone at the learned step size {sgd_lr(networks):.4g}: "
+          f"{_final_score(learned_curves(networks, tasks, args.steps)):.4f}")
+    for lr in args.step_sizes:
+        with torch.no_grad():
+            for role in networks.roles:
+                networks.network(role).nominal_log_lr.fill_(math.log(lr / (1 - mu)))
+        print(f"head at zero, Nesterov alone at step size {lr:.4g}: "
+              f"{_final_score(learned_curves(networks, tasks, args.steps)):.4f}")
+
+
+if __name__ == "__main__":
+    main()
