@@ -17,7 +17,7 @@ from learnedopt.serialization import load_from_directory, pretrained_dir
 
 SHIPPED = sorted(list_pretrained())
 #: Shipped optimizers whose validation loss is below every tuned baseline's (README says so).
-BEATS_TUNED_BASELINES = {"default", "l2l-quadratic", "l2l-conv"}
+BEATS_TUNED_BASELINES = {"default", "l2l-quadratic", "l2l-mlp", "l2l-conv"}
 
 
 def test_default_and_paper_quadratic_are_shipped() -> None:
