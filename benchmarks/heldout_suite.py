@@ -174,7 +174,11 @@ def main() -> None:
     parser.add_argument("--long-steps", type=int, help="steps of the stability run (default 10x --steps); "
                         "use 10x the optimizer's meta-training horizon")
     parser.add_argument("--out", default="docs/heldout")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1, as the recorded results; two suites at once "
+                             "with more threads than cores each run several times slower)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     long_steps = args.long_steps or 10 * args.steps
     networks = UpdateNetworks.from_pretrained(args.pretrained)
     tasks = [*sklearn_tasks(), *fashion_tasks(args.data_dir), char_lm_task(), Rosenbrock()]

@@ -156,7 +156,11 @@ def main() -> None:
     parser.add_argument("--pretrained", default=None, help="default: l2l-quadratic / l2l-mlp")
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--bf16-state", action="store_true", help="also run the LSTM with bfloat16 state")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1, as the recorded results; two suites at once "
+                             "with more threads than cores each run several times slower)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.suite == "quadratic":
