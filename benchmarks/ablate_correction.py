@@ -22,7 +22,8 @@ import torch
 
 from learnedopt import UpdateNetworkConfig, UpdateNetworks
 from learnedopt.training import resolve_family
-from learnedopt.training.trainer import _final_score, learned_curves
+from learnedopt.training.trainer import _final_score, learned_curves, validation_tasks
+from reproduce_l2l import without_correction
 
 
 def load(spec: str) -> UpdateNetworks:
@@ -51,8 +52,7 @@ def main() -> None:
     if config.nominal_momentum is None:
         parser.error("these networks have no nominal step (nominal_momentum is null)")
     family = resolve_family(args.family, {}, args.data_dir)
-    generator = torch.Generator().manual_seed(10_000_019 + args.seed)  # the trainer's validation tasks
-    tasks = [family.sample(generator) for _ in range(args.tasks)]
+    tasks = validation_tasks(family, args.seed, args.tasks)
     mu = config.nominal_momentum
 
     def sgd_lr(nets: UpdateNetworks) -> float:
@@ -61,10 +61,7 @@ def main() -> None:
     print(f"{args.tasks} validation tasks of {args.family!r}, mean loss at step {args.steps}")
     print(f"as trained (SGD-equivalent step size {sgd_lr(networks):.4g}): "
           f"{_final_score(learned_curves(networks, tasks, args.steps)):.4f}")
-    with torch.no_grad():
-        for role in networks.roles:
-            networks.network(role).head_weight.zero_()
-            networks.network(role).head_bias.zero_()
+    networks = without_correction(networks)
     print(f"head at zero, Nesterov alone at the learned step size {sgd_lr(networks):.4g}: "
           f"{_final_score(learned_curves(networks, tasks, args.steps)):.4f}")
     for lr in args.step_sizes:

@@ -27,10 +27,10 @@ FORMAT_VERSION = 1
 #:   (1 + one per beta inputs). Invariant to the loss's scale, like ``*_rms``, but it keeps the
 #:   relative sizes of a tensor's coordinates, so an update can be proportional to the gradient
 #:   (SGD/momentum-like) instead of to its sign (Adam-like).
+FEATURES = {"grad_logsign": 2, "grad_rms": 1, "momentum_rms": None, "tensor_rms": None}
+
 #: How a network corrects the nominal momentum step (``UpdateNetworkConfig.nominal_correction``).
 NOMINAL_CORRECTIONS = ("add", "scale")
-
-FEATURES = {"grad_logsign": 2, "grad_rms": 1, "momentum_rms": None, "tensor_rms": None}
 
 
 #: Names an ``UpdateNetworks`` module already uses; a role cannot take them.

@@ -254,17 +254,16 @@ class PackedNetwork:
         self.state_size = 2 * config.num_layers * h
         self.num_moments = config.num_moments
         self.config = config
+        log_lr = torch.zeros(()) if net.nominal_log_lr is None else net.nominal_log_lr.detach().float()
         self.args = _StepArgs(
             self.weights.data_ptr(), h, config.num_layers, config.input_size,
             self.features.data_ptr(), len(config.features), self.betas.data_ptr(), config.num_moments,
             config.rms_beta, config.rms_eps, config.feature_clip, config.preprocess_p,
             config.output_scale, -1.0 if config.update_clip is None else config.update_clip, block,
             config.feature_means, -1 if config.nominal_index is None else config.nominal_index,
-            # float32's exp, as in the PyTorch path
-            0.0 if net.nominal_log_lr is None else float(net.nominal_log_lr.detach().float().exp()),
+            float(log_lr.exp()),  # float32's exp, as in the PyTorch path
             1.0 - (config.nominal_momentum or 0.0), config.nominal_momentum or 0.0,
-            int(config.nominal_correction == "scale"),
-            0.0 if net.nominal_log_lr is None else float(net.nominal_log_lr.detach().float()),
+            int(config.nominal_correction == "scale"), float(log_lr),
         )
 
 

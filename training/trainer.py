@@ -303,6 +303,12 @@ def lstm_optimizer_for(
     return make
 
 
+def validation_tasks(family: TaskFamily, seed: int, count: int) -> list[Task]:
+    """The held-out tasks a run with this ``seed`` validates on (disjoint from its training draws)."""
+    generator = torch.Generator().manual_seed(10_000_019 + seed)
+    return [family.sample(generator) for _ in range(count)]
+
+
 def learned_curves(networks: UpdateNetworks, tasks: Sequence[Task], steps: int) -> list[list[float]]:
     return [evaluate(t, lstm_optimizer_for(networks, t), steps) for t in tasks]
 
@@ -584,8 +590,7 @@ class MetaTrainer:
 
     # ------------------------------------------------------------------ validation
     def _validation_tasks(self) -> list[Task]:
-        generator = torch.Generator().manual_seed(10_000_019 + self.config.seed)
-        return [self.family.sample(generator) for _ in range(self.config.eval_tasks)]
+        return validation_tasks(self.family, self.config.seed, self.config.eval_tasks)
 
     def _validate(self, outer: int) -> float:
         curves = learned_curves(self.networks, self.val_tasks, self.config.horizon)

@@ -119,17 +119,6 @@ __attribute__((noinline, optimize("fp-contract=off"))) static vf vema(float b, v
     return kept + added;
 }
 
-// The Nesterov step c1 * g + c2 * e, corrected by the network's output: out - lr * step, or
-// -exp(log_lr + out) * step; rounded like PyTorch's separate ops
-__attribute__((noinline, optimize("fp-contract=off"))) static vf vnominal(vf out, const float* c, int scale, vf g,
-                                                                          vf e) {
-    const vf direction = c[1] * g + c[2] * e;
-    if (!scale) return out - c[0] * direction;
-    vf size = c[3] + out;
-    for (int t = 0; t < TILE; t++) size[t] = std::exp(size[t]);
-    return -size * direction;
-}
-
 static inline vf vabs(vf x) { return (vf)((vi)x & 0x7fffffff); }
 
 static inline vf vsqrt(vf x) {
@@ -204,6 +193,16 @@ struct StepArgs {
     int32_t nominal_scale;            // 0: the network's output is added; 1: it scales the step
     float nominal_log_lr;
 };
+
+// The Nesterov step c1 * g + c2 * e, corrected by the network's output: out - lr * step, or
+// -exp(log_lr + out) * step; rounded like PyTorch's separate ops
+__attribute__((noinline, optimize("fp-contract=off"))) static vf vnominal(const StepArgs* a, vf out, vf g, vf e) {
+    const vf direction = a->nominal_c1 * g + a->nominal_c2 * e;
+    if (!a->nominal_scale) return out - a->nominal_lr * direction;
+    vf size = a->nominal_log_lr + out;
+    for (int t = 0; t < TILE; t++) size[t] = std::exp(size[t]);
+    return -size * direction;
+}
 
 // Updates coordinates [0, n) of one tensor; returns how many had a non-finite gradient.
 // tensor_scale: the tensor's RMS gradient for the tensor_rms feature (ignored without it).
@@ -337,10 +336,7 @@ extern "C" int64_t learnedopt_lstm_step(
         vf out = splat(w[H]);
         for (int u = 0; u < H; u++) out += w[u] * nst[(L - 1) * H + u];
         out = out * a->output_scale;
-        if (a->nominal_index >= 0) {
-            const float c[4] = {a->nominal_lr, a->nominal_c1, a->nominal_c2, a->nominal_log_lr};
-            out = vnominal(out, c, a->nominal_scale, g, mv[a->nominal_index]);
-        }
+        if (a->nominal_index >= 0) out = vnominal(a, out, g, mv[a->nominal_index]);
         if (a->update_clip >= 0) out = vclamp(out, -a->update_clip, a->update_clip);
         const float* outf = (const float*)&out;
         for (int t = 0; t < cnt; t++) {
