@@ -32,6 +32,9 @@ FEATURES = {"grad_logsign": 2, "grad_rms": 1, "momentum_rms": None, "tensor_rms"
 #: How a network corrects the nominal momentum step (``UpdateNetworkConfig.nominal_correction``).
 NOMINAL_CORRECTIONS = ("add", "scale")
 
+#: Learned step-size schedules (``UpdateNetworkConfig.schedule``).
+SCHEDULES = ("constant", "inverse_time")
+
 
 #: Names an ``UpdateNetworks`` module already uses; a role cannot take them.
 _RESERVED_ROLES = frozenset({"config", "roles", "training"}) | frozenset(dir(__import__("torch").nn.Module))
@@ -78,6 +81,12 @@ class UpdateNetworkConfig:
             ``output_scale`` is added to the step) or ``"scale"`` (the step's size is multiplied
             by ``exp(output_scale * output)`` per coordinate: a learned per-coordinate, per-step
             learning rate that keeps the step's direction).
+        schedule: ``"constant"``: the update does not depend on the step count. ``"inverse_time"``:
+            a tensor's update (and its weight decay, as a torch LR scheduler would) at step ``t``
+            (the number of updates it has had before) is multiplied by
+            ``1 / (1 + t * exp(schedule_log_rate))``, with ``schedule_log_rate`` a learned scalar of
+            each network (starting at ``log(0.01)``: half the step size after 100 steps). The
+            decay continues past the trained horizon.
         format_version: Version of the directory format that wrote this config.
         library_version: learnedopt version that wrote this config.
         description: One line saying what this optimizer is for.
@@ -97,6 +106,7 @@ class UpdateNetworkConfig:
     update_clip: float | None = 1.0
     nominal_momentum: float | None = None
     nominal_correction: str = "add"
+    schedule: str = "constant"
     format_version: int = FORMAT_VERSION
     library_version: str = ""
     description: str = ""
@@ -207,6 +217,8 @@ class UpdateNetworkConfig:
             raise ConfigError(
                 f"config nominal_correction must be one of {list(NOMINAL_CORRECTIONS)}, got {self.nominal_correction!r}"
             )
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"config schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         if not isinstance(self.training, dict):
             raise ConfigError(f"config training must be an object, got {self.training!r}")
         if not isinstance(self.description, str) or not isinstance(self.library_version, str):

@@ -196,6 +196,7 @@ def lstm_update(
     weight_decay: float | Sequence[float] = 0.0,
     maximize: bool = False,
     impl: str = "batched",
+    step: int | Tensor | Sequence[int | Tensor] | None = None,
 ) -> tuple[list[Tensor], list[State]]:
     """Compute the learned update of every tensor; pure and differentiable.
 
@@ -212,6 +213,9 @@ def lstm_update(
         impl: ``"auto"``, ``"batched"``, ``"compiled"``, ``"native"`` or ``"reference"``; they
             compute the same result. ``"native"`` raises
             :class:`learnedopt.native.NativeUnavailable` where the kernel cannot be built.
+        step: Updates each tensor has had before this one (one or per tensor); needed, and only
+            read, when the networks have a learned schedule (``config.schedule``), which then
+            multiplies ``lr`` (see :meth:`UpdateNetwork.schedule_factor`).
 
     Returns:
         ``(deltas, new_states)``: add ``deltas[i]`` to ``params[i]``; ``new_states[i]`` replaces
@@ -235,6 +239,14 @@ def lstm_update(
     lrs = _as_list(lr, n, "lr")
     wds = _as_list(weight_decay, n, "weight_decay")
     config = networks.config
+    if config.schedule != "constant":
+        if step is None:
+            raise ValueError(
+                f"these networks have a learned step-size schedule (config schedule {config.schedule!r}); "
+                "pass step= (the number of updates each tensor has had, e.g. LSTMOptimizer's state['step'])"
+            )
+        steps = _as_list(step, n, "step")
+        lrs = [lr_i * networks.network(role).schedule_factor(t) for lr_i, role, t in zip(lrs, roles, steps)]
     flat_grads = [(-g if maximize else g).reshape(-1).to(state_dtype(p.dtype)) for g, p in zip(grads, params)]
 
     pointwise = "torch"
@@ -313,8 +325,9 @@ def _native_update(params, flat_grads, states, networks, roles, lrs, wds) -> tup
             buf = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
             todo.append((i, buf, {k: v.clone() for k, v in st.items() if k in ("lstm", "moments")}))
         else:
+            # lrs[i] already holds the schedule's factor; at step 0 the factor is 1
             d, s = lstm_update([p], [g.reshape(p.shape)], [st], networks, [roles[i]], lr=lrs[i],
-                               weight_decay=wds[i], impl="batched")
+                               weight_decay=wds[i], impl="batched", step=0)
             deltas[i], new_states[i] = d[0], s[0]
     if todo:
         native.step_([packed[roles[i]] for i, _, _ in todo], [b for _, b, _ in todo],

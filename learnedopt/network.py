@@ -14,6 +14,9 @@ from .config import UpdateNetworkConfig
 
 __all__ = ["UpdateNetwork", "UpdateNetworks"]
 
+#: Initial decay rate of an ``"inverse_time"`` schedule: the step size halves after 100 steps.
+INITIAL_SCHEDULE_RATE = 0.01
+
 
 class UpdateNetwork(nn.Module):
     """A small stacked LSTM applied to every coordinate independently, then a linear head.
@@ -27,7 +30,8 @@ class UpdateNetwork(nn.Module):
     on ``[x, h]`` gives all four gates.
     """
 
-    def __init__(self, input_size: int, hidden_size: int = 20, num_layers: int = 2, nominal: bool = False) -> None:
+    def __init__(self, input_size: int, hidden_size: int = 20, num_layers: int = 2, nominal: bool = False,
+                 schedule: bool = False) -> None:
         super().__init__()
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -41,6 +45,8 @@ class UpdateNetwork(nn.Module):
         self.head_bias = nn.Parameter(torch.empty(()))
         #: log step size of the nominal momentum step (``UpdateNetworkConfig.nominal_momentum``)
         self.nominal_log_lr = nn.Parameter(torch.empty(())) if nominal else None
+        #: log decay rate of the learned step-size schedule (``UpdateNetworkConfig.schedule``)
+        self.schedule_log_rate = nn.Parameter(torch.empty(())) if schedule else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -56,6 +62,16 @@ class UpdateNetwork(nn.Module):
             self.head_bias.zero_()
             if self.nominal_log_lr is not None:
                 self.nominal_log_lr.zero_()
+            if self.schedule_log_rate is not None:
+                self.schedule_log_rate.fill_(math.log(INITIAL_SCHEDULE_RATE))
+
+    def schedule_factor(self, step: float | Tensor) -> float | Tensor:
+        """The learned schedule's multiplier of the update at a tensor's ``step`` (updates it has
+        had before): ``1 / (1 + step * exp(schedule_log_rate))``, or ``1.0`` without a schedule.
+        Differentiable in ``schedule_log_rate``."""
+        if self.schedule_log_rate is None:
+            return 1.0
+        return 1.0 / (1.0 + step * self.schedule_log_rate.exp())
 
     def layer_parameters(self) -> Iterator[tuple[Tensor, Tensor]]:
         for layer in range(self.num_layers):
@@ -150,7 +166,8 @@ class UpdateNetworks(nn.Module):
             self.add_module(
                 role,
                 UpdateNetwork(self.config.input_size, self.config.hidden_size, self.config.num_layers,
-                              nominal=self.config.nominal_momentum is not None),
+                              nominal=self.config.nominal_momentum is not None,
+                              schedule=self.config.schedule != "constant"),
             )
 
     @property
@@ -253,5 +270,6 @@ class UpdateNetworks(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         nominal = "" if c.nominal_momentum is None else f", nominal_momentum={c.nominal_momentum}"
+        schedule = "" if c.schedule == "constant" else f", schedule={c.schedule!r}"
         return (f"roles={c.roles}, hidden_size={c.hidden_size}, num_layers={c.num_layers}, "
-                f"features={c.features}{nominal}")
+                f"features={c.features}{nominal}{schedule}")

@@ -215,7 +215,8 @@ class LSTMOptimizer(Optimizer):
             nonfinite = native.step_(
                 [self._packed(roles[i]) for i in fast], [params[i] for i in fast],
                 [grads[i].reshape(-1) for i in fast], [states[i] for i in fast],
-                [lrs[i] for i in fast], [wds[i] for i in fast],
+                [lrs[i] * float(self.networks.network(roles[i]).schedule_factor(states[i]["step"])) for i in fast],
+                [wds[i] for i in fast],
             )
             for i in fast:
                 states[i]["step"] += 1
@@ -228,7 +229,8 @@ class LSTMOptimizer(Optimizer):
                 nonfinite += 1
             impl = "batched" if self.impl in ("auto", "native") else self.impl
             deltas, new_states = lstm_update(
-                params, grads, states, self.networks, roles, lr=lrs, weight_decay=wds, impl=impl
+                params, grads, states, self.networks, roles, lr=lrs, weight_decay=wds, impl=impl,
+                step=[state["step"] for state in states],
             )
             torch._foreach_add_(params, deltas)
             for state, new in zip(states, new_states):

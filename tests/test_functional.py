@@ -448,22 +448,27 @@ def test_compiled_is_differentiable_like_batched(make_networks):
 
 
 # ---------------------------------------------------------------------- nominal momentum step
+@pytest.mark.parametrize("schedule", ["constant", "inverse_time"])
 @pytest.mark.parametrize("correction", ["add", "scale"])
 @pytest.mark.parametrize("impl", ["reference", "batched", "native", "optimizer"])
-def test_nominal_momentum_with_a_silent_network_is_torch_nesterov(make_networks, impl, correction):
+def test_nominal_momentum_with_a_silent_network_is_torch_nesterov(make_networks, impl, correction, schedule):
     """With the LSTM's head at zero, ``nominal_momentum=mu`` is ``torch.optim.SGD`` with Nesterov
-    momentum ``mu`` and learning rate ``(1 - mu) * exp(nominal_log_lr)``."""
+    momentum ``mu`` and learning rate ``(1 - mu) * exp(nominal_log_lr)``; ``schedule="inverse_time"``
+    is that SGD under ``LambdaLR(lambda t: 1 / (1 + t * exp(schedule_log_rate)))``."""
     if impl == "native":
         from learnedopt import native
 
         if not native.available():
             pytest.skip("native kernel unavailable")
-    networks = make_networks(nominal_momentum=0.9, nominal_correction=correction, update_clip=None)
+    networks = make_networks(nominal_momentum=0.9, nominal_correction=correction, update_clip=None,
+                             schedule=schedule)
     net = networks.dense
     with torch.no_grad():
         net.head_weight.zero_()
         net.head_bias.zero_()
         net.nominal_log_lr.fill_(math.log(3.0))
+        if schedule != "constant":
+            net.schedule_log_rate.fill_(math.log(0.25))  # a third of the step size by step 8
     target = torch.linspace(-2.0, 2.0, 50)
 
     def loss_of(p):
@@ -471,10 +476,13 @@ def test_nominal_momentum_with_a_silent_network_is_torch_nesterov(make_networks,
 
     expected = torch.zeros(50, requires_grad=True)
     sgd = torch.optim.SGD([expected], lr=0.1 * float(net.nominal_log_lr.detach().exp()), momentum=0.9, nesterov=True)
+    decay = 0.25 if schedule != "constant" else 0.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(sgd, lambda t: 1.0 / (1.0 + t * decay))
     for _ in range(8):
         sgd.zero_grad()
         loss_of(expected).backward()
         sgd.step()
+        scheduler.step()
 
     p = torch.zeros(50, requires_grad=True)
     if impl == "optimizer":
@@ -485,11 +493,11 @@ def test_nominal_momentum_with_a_silent_network_is_torch_nesterov(make_networks,
             opt.step()
     else:
         state = None
-        for _ in range(8):
+        for t in range(8):
             (g,) = torch.autograd.grad(loss_of(p), [p])
             state = state or init_state(g, networks.config)
             with torch.no_grad():
-                (d,), (state,) = lstm_update([p], [g], [state], networks, ["dense"], impl=impl)
+                (d,), (state,) = lstm_update([p], [g], [state], networks, ["dense"], impl=impl, step=t)
                 p = (p + d).requires_grad_(True)
     torch.testing.assert_close(p.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
 
@@ -500,3 +508,40 @@ def test_nominal_step_size_gets_a_meta_gradient(make_networks):
     (d,), _ = lstm_update([p], [g], [init_state(g, networks.config)], networks, ["dense"], impl="batched")
     ((p + d) ** 2).sum().backward()
     assert networks.dense.nominal_log_lr.grad is not None and networks.dense.nominal_log_lr.grad.abs() > 0
+
+
+def test_schedule_rate_gets_a_meta_gradient(make_networks):
+    networks = make_networks(nominal_momentum=0.5, schedule="inverse_time")
+    p, g = torch.randn(30), torch.randn(30)
+    (d,), _ = lstm_update([p], [g], [init_state(g, networks.config)], networks, ["dense"], impl="batched", step=5)
+    ((p + d) ** 2).sum().backward()
+    assert networks.dense.schedule_log_rate.grad is not None and networks.dense.schedule_log_rate.grad.abs() > 0
+
+
+def test_schedule_needs_the_step_count(make_networks):
+    networks = make_networks(schedule="inverse_time")
+    p, g = torch.randn(5), torch.randn(5)
+    with pytest.raises(ValueError, match=r"learned step-size schedule .*pass step="):
+        lstm_update([p], [g], [init_state(g, networks.config)], networks, ["dense"])
+
+
+def test_schedule_decays_the_whole_update_like_lr(make_networks):
+    """Without a nominal step, the schedule multiplies the LSTM's update (and weight decay) as a
+    smaller ``lr`` would, in every implementation."""
+    networks = make_networks(schedule="inverse_time", update_clip=None)
+    with torch.no_grad():
+        factor = float(networks.dense.schedule_factor(7))
+    assert factor == pytest.approx(1 / (1 + 7 * 0.01))
+    p, g = torch.randn(40), torch.randn(40)
+    state = init_state(g, networks.config)
+    for impl in ("reference", "batched", "native"):
+        if impl == "native":
+            from learnedopt import native
+
+            if not native.available():
+                continue
+        with torch.no_grad():
+            (d,), _ = lstm_update([p], [g], [state], networks, ["dense"], lr=0.5, weight_decay=0.1, impl=impl, step=7)
+            (expected,), _ = lstm_update([p], [g], [state], networks, ["dense"], lr=0.5 * factor, weight_decay=0.1,
+                                         impl=impl, step=0)
+        torch.testing.assert_close(d, expected, rtol=1e-5, atol=1e-7)

@@ -28,6 +28,7 @@ CONFIGS = {
     "nominal-momentum": {"nominal_momentum": 0.9},
     "nominal-logsign-only": {"nominal_momentum": 0.5, "features": ["grad_logsign"]},
     "nominal-scale": {"nominal_momentum": 0.9, "nominal_correction": "scale"},
+    "nominal-scale-schedule": {"nominal_momentum": 0.9, "nominal_correction": "scale", "schedule": "inverse_time"},
 }
 
 
@@ -53,7 +54,7 @@ def test_functional_native_matches_reference(make_networks, name, lstm_dtype):
     nat_s = [{k: v.clone() for k, v in s.items()} for s in ref_s]
     for step in range(4):
         grads = [_grads(n, step + 1) for n in sizes]
-        kw = dict(lr=[0.5] * 3 + [2.0] * 3, weight_decay=0.01, maximize=step == 2)
+        kw = dict(lr=[0.5] * 3 + [2.0] * 3, weight_decay=0.01, maximize=step == 2, step=[step] * 5 + [step + 7])
         with torch.no_grad():
             ref_d, ref_s = lstm_update(ref_p, grads, ref_s, networks, roles, impl="reference", **kw)
             nat_d, nat_s = lstm_update(nat_p, grads, nat_s, networks, roles, impl="native", **kw)
@@ -84,7 +85,8 @@ def test_native_leaves_inputs_untouched(make_networks):
 
 
 @needs_compiler
-@pytest.mark.parametrize("name", ["paper-features", "3-layers-hidden-8", "nominal-momentum", "nominal-scale"])
+@pytest.mark.parametrize("name", ["paper-features", "3-layers-hidden-8", "nominal-momentum", "nominal-scale",
+                                  "nominal-scale-schedule"])
 def test_meta_gradient_native_matches_reference(make_networks, name):
     """Under autograd, impl="native" (fused LSTM pointwise kernel, forward and backward) gives the
     meta-gradient of the textbook per-tensor cell: three unrolled steps on a small quadratic."""
@@ -96,12 +98,12 @@ def test_meta_gradient_native_matches_reference(make_networks, name):
         params = [torch.zeros(5000, requires_grad=True), torch.zeros(7, requires_grad=True)]
         states = None
         meta_loss = 0.0
-        for _ in range(3):
+        for step in range(3):
             loss = ((params[0] - target) ** 2).mean() + (params[1] ** 2).sum()
             grads = [g.detach() for g in torch.autograd.grad(loss, params, retain_graph=True)]
             if states is None:
                 states = [init_state(g, networks.config) for g in grads]
-            deltas, states = lstm_update(params, grads, states, networks, ["dense", "bias"], impl=impl)
+            deltas, states = lstm_update(params, grads, states, networks, ["dense", "bias"], impl=impl, step=step)
             params = [p + d for p, d in zip(params, deltas)]
             meta_loss = meta_loss + ((params[0] - target) ** 2).mean() + (params[1] ** 2).sum()
         meta_loss.backward()

@@ -71,6 +71,8 @@ ROUND_TRIP_CONFIGS = [
         id="training-record",
     ),
     pytest.param({"roles": ["dense"], "nominal_momentum": 0.9, "features": ["grad_logsign"]}, id="nominal-momentum"),
+    pytest.param({"roles": ["dense", "bias"], "nominal_momentum": 0.9, "nominal_correction": "scale",
+                  "schedule": "inverse_time"}, id="nominal-schedule"),
 ]
 
 
@@ -416,6 +418,8 @@ BAD_CONFIGS = [
                  id="nominal-momentum-1"),
     pytest.param({"nominal_correction": "mul"}, r"nominal_correction must be one of \['add', 'scale'\], got 'mul'",
                  id="nominal-correction-unknown"),
+    pytest.param({"schedule": "cosine"}, r"schedule must be one of \['constant', 'inverse_time'\], got 'cosine'",
+                 id="schedule-unknown"),
 ]
 
 

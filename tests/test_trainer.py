@@ -193,3 +193,6 @@ def test_nominal_step_size_learns_faster_than_the_weights() -> None:
     assert groups[1]["lr"] == pytest.approx(1e-3 * NOMINAL_META_LR_SCALE)
     assert len(groups[0]["params"]) + 2 == len(list(networks.parameters()))
     assert len(_meta_param_groups(UpdateNetworks(), 1e-3)) == 1
+    scheduled = UpdateNetworks(UpdateNetworkConfig(nominal_momentum=0.9, schedule="inverse_time"))
+    fast = _meta_param_groups(scheduled, 1e-3)[1]["params"]
+    assert fast[0] is scheduled.dense.nominal_log_lr and fast[1] is scheduled.dense.schedule_log_rate

@@ -40,13 +40,22 @@ def test_meta_training_improves_the_optimizer_on_held_out_quadratics(tmp_path: P
     assert after < 0.7 * before, (before, after)
 
 
-def test_truncated_unroll_uses_the_optimizers_update() -> None:
-    """The unroll's final parameters equal what LSTMOptimizer.step produces on the same task."""
+SCHEDULED = {"nominal_momentum": 0.9, "nominal_correction": "scale", "schedule": "inverse_time"}
+
+
+@pytest.mark.parametrize("fields", [{}, SCHEDULED], ids=["paper", "nominal-schedule"])
+def test_truncated_unroll_uses_the_optimizers_update(fields: dict) -> None:
+    """The unroll's final parameters equal what LSTMOptimizer.step produces on the same task
+    (with a schedule: the unroll's step index and the optimizer's step count agree)."""
     torch.manual_seed(0)
-    nets = UpdateNetworks(UpdateNetworkConfig(roles=["dense"])).double()
+    nets = UpdateNetworks(UpdateNetworkConfig(roles=["dense"], **fields)).double()
+    if fields:
+        with torch.no_grad():
+            nets.dense.schedule_log_rate.fill_(-1.0)  # a strong decay, so an off-by-one would show
     task = QuadraticFamily().sample(torch.Generator().manual_seed(3))
     task.w, task.y, task.theta0 = task.w.double(), task.y.double(), task.theta0.double()
-    _, params, _ = truncated_unroll(nets, task, task.init_params(), None, ["dense"], 0, 5)
+    _, params, states = truncated_unroll(nets, task, task.init_params(), None, ["dense"], 0, 2)
+    _, params, _ = truncated_unroll(nets, task, params, states, ["dense"], 2, 3)
     p = task.init_params()[0].requires_grad_()
     opt = LSTMOptimizer([p], networks=nets)
     for t in range(5):
@@ -56,9 +65,10 @@ def test_truncated_unroll_uses_the_optimizers_update() -> None:
     torch.testing.assert_close(params[0].detach(), p.detach(), rtol=1e-12, atol=1e-12)
 
 
-def test_meta_gradient_reaches_every_network_weight() -> None:
+@pytest.mark.parametrize("fields", [{}, SCHEDULED], ids=["paper", "nominal-schedule"])
+def test_meta_gradient_reaches_every_network_weight(fields: dict) -> None:
     torch.manual_seed(0)
-    nets = UpdateNetworks(UpdateNetworkConfig(roles=["dense", "bias"]))
+    nets = UpdateNetworks(UpdateNetworkConfig(roles=["dense", "bias"], **fields))
     task = MLPFamily("synthetic", hidden=((8,),)).sample(torch.Generator().manual_seed(0))
     roles = [nets.resolve_role(None, p) for p in task.init_params()]
     loss, _, _ = truncated_unroll(nets, task, task.init_params(), None, roles, 0, 3)

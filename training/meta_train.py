@@ -247,7 +247,7 @@ Limits: measured only on the families above; behaviour on other models is not co
 
 # ---------------------------------------------------------------------- command line
 _NETWORK_FLAGS = {"roles": str, "hidden_size": int, "features": str, "output_scale": float,
-                  "nominal_momentum": float, "nominal_correction": str}
+                  "nominal_momentum": float, "nominal_correction": str, "schedule": str}
 _RUN_FLAGS = {"name": None, "description": "A learned optimizer meta-trained with learnedopt.",
               "final_eval_tasks": 10, "threads": None}
 
@@ -274,6 +274,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="add a Nesterov momentum step of learned size with this momentum, e.g. 0.9")
     p.add_argument("--nominal-correction", choices=["add", "scale"],
                    help="the LSTM's output is added to the nominal step, or scales its size per coordinate")
+    p.add_argument("--schedule", choices=["constant", "inverse_time"],
+                   help="a learned step-size schedule: the update times 1 / (1 + t * rate), rate learned")
     for f in dataclasses.fields(MetaTrainConfig):
         if f.name in ("task_family", "networks", "family_kwargs", "baselines", "baseline_lrs"):
             continue

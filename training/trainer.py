@@ -53,8 +53,10 @@ CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.jsonl"
 EVAL_NAME = "eval.json"
 DONE_NAME = "DONE"
-#: The nominal step's log step size learns this many times faster than the network weights.
+#: The networks' scalar step-size parameters (the nominal step's log step size, the schedule's
+#: log decay rate) learn this many times faster than the network weights.
 NOMINAL_META_LR_SCALE = 10.0
+_SCALAR_PARAMETERS = ("nominal_log_lr", "schedule_log_rate")
 
 #: Baseline optimizers for validation; the learning rate is tuned on ``baseline_lrs``.
 BASELINES: dict[str, Callable[[list[Tensor], float], torch.optim.Optimizer]] = {
@@ -90,8 +92,9 @@ class MetaTrainConfig:
             until it reaches ``horizon`` (``0``: no curriculum).
         curriculum_every: Outer steps between horizon doublings.
         meta_lr: Adam learning rate for the network weights (the nominal step's log step size,
-            ``UpdateNetworkConfig.nominal_momentum``, learns ``NOMINAL_META_LR_SCALE`` times faster:
-            one scalar that must travel a few units of log scale while the weights move little).
+            ``UpdateNetworkConfig.nominal_momentum``, and the schedule's log decay rate,
+            ``UpdateNetworkConfig.schedule``, learn ``NOMINAL_META_LR_SCALE`` times faster: scalars
+            that must travel a few units of log scale while the weights move little).
         grad_clip: Bound on the meta-gradient's global norm.
         second_order: Differentiate through the optimizee's gradient (default: first order).
         seed: Seeds networks, tasks and evaluation.
@@ -237,7 +240,7 @@ def truncated_unroll(
             grads = [g.detach() for g in grads]
         if states is None:
             states = [init_state(g, networks.config) for g in grads]
-        deltas, states = lstm_update(params, grads, states, networks, roles, impl=impl)
+        deltas, states = lstm_update(params, grads, states, networks, roles, impl=impl, step=start + k)
         params = [p + d for p, d in zip(params, deltas)]
     return meta_loss, params, list(states)
 
@@ -725,12 +728,13 @@ def _stack_key(slot: _Slot, config: MetaTrainConfig) -> tuple:
 
 
 def _meta_param_groups(networks: UpdateNetworks, meta_lr: float) -> list[dict[str, Any]]:
-    """Adam parameter groups: the network weights at ``meta_lr``, nominal log step sizes faster."""
-    nominal = [p for name, p in networks.named_parameters() if name.endswith("nominal_log_lr")]
-    weights = [p for name, p in networks.named_parameters() if not name.endswith("nominal_log_lr")]
+    """Adam parameter groups: the network weights at ``meta_lr``, the scalar step-size parameters
+    (log step size, schedule rate) faster."""
+    scalars = [p for name, p in networks.named_parameters() if name.endswith(_SCALAR_PARAMETERS)]
+    weights = [p for name, p in networks.named_parameters() if not name.endswith(_SCALAR_PARAMETERS)]
     groups: list[dict[str, Any]] = [{"params": weights}]
-    if nominal:
-        groups.append({"params": nominal, "lr": meta_lr * NOMINAL_META_LR_SCALE})
+    if scalars:
+        groups.append({"params": scalars, "lr": meta_lr * NOMINAL_META_LR_SCALE})
     return groups
 
 
