@@ -3,9 +3,9 @@
 Loads update networks with ``nominal_momentum`` (a pretrained name or directory, or a trainer
 checkpoint's ``networks`` / ``best_networks``), samples the meta-trainer's validation tasks of a
 family (the same seed as ``learnedopt-train --seed``), and prints the mean final loss with the
-LSTM's head as trained, with the head at zero (the Nesterov step alone at the learned step
-size), and, with ``--step-sizes``, the Nesterov step alone at other ``torch.optim.SGD`` learning
-rates.
+LSTM's head as trained, without its learned schedule (if it has one), with the head at zero
+(the Nesterov step alone at the learned step size and schedule), and, with ``--step-sizes``, the
+Nesterov step alone at other ``torch.optim.SGD`` learning rates.
 
 Usage::
 
@@ -23,7 +23,7 @@ import torch
 from learnedopt import UpdateNetworkConfig, UpdateNetworks
 from learnedopt.training import resolve_family
 from learnedopt.training.trainer import _final_score, learned_curves, validation_tasks
-from reproduce_l2l import without_correction
+from reproduce_l2l import without_correction, without_schedule
 
 
 def load(spec: str) -> UpdateNetworks:
@@ -61,6 +61,10 @@ def main() -> None:
     print(f"{args.tasks} validation tasks of {args.family!r}, mean loss at step {args.steps}")
     print(f"as trained (SGD-equivalent step size {sgd_lr(networks):.4g}): "
           f"{_final_score(learned_curves(networks, tasks, args.steps)):.4f}")
+    if config.schedule != "constant":
+        rate = math.exp(float(networks.network(networks.roles[0]).schedule_log_rate.detach()))
+        print(f"schedule off (every step at the initial step size; learned decay 1/(1 + {rate:.4g} t)): "
+              f"{_final_score(learned_curves(without_schedule(networks), tasks, args.steps)):.4f}")
     networks = without_correction(networks)
     print(f"head at zero, Nesterov alone at the learned step size {sgd_lr(networks):.4g}: "
           f"{_final_score(learned_curves(networks, tasks, args.steps)):.4f}")

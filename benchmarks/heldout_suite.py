@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -33,6 +31,8 @@ from learnedopt import UpdateNetworks
 from learnedopt.training.data import load_fashion_mnist
 from learnedopt.training.tasks import ModuleTask, Task
 from learnedopt.training.trainer import evaluate, lstm_optimizer_for
+
+from common import add_threads_argument, machine_line
 
 ADAM_GRID = [10 ** (k / 2) for k in range(-8, 1)]  # 1e-4 ... 1
 
@@ -174,9 +174,7 @@ def main() -> None:
     parser.add_argument("--long-steps", type=int, help="steps of the stability run (default 10x --steps); "
                         "use 10x the optimizer's meta-training horizon")
     parser.add_argument("--out", default="docs/heldout")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1, as the recorded results; two suites at once "
-                             "with more threads than cores each run several times slower)")
+    add_threads_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     long_steps = args.long_steps or 10 * args.steps
@@ -188,7 +186,7 @@ def main() -> None:
         r = results[-1]
         print(f"{r['task']}: LSTM {r['lstm']:.4g}, Adam(1e-3) {r['adam_1e-3']:.4g}, tuned Adam {r['adam_tuned']:.4g} "
               f"(lr {r['adam_tuned_lr']:.3g}); 10x steps: {r['lstm_10x_final']:.4g} ({r['wall_s']} s)", flush=True)
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    machine = machine_line()
     wins = sum(r["lstm"] < r["adam_1e-3"] for r in results)
     wins_tuned = sum(r["lstm"] < r["adam_tuned"] for r in results)
     diverged = sum(r["lstm_10x_diverged"] for r in results)
