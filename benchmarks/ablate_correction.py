@@ -4,13 +4,16 @@ Loads update networks with ``nominal_momentum`` (a pretrained name or directory,
 checkpoint's ``networks`` / ``best_networks``), samples the meta-trainer's validation tasks of a
 family (the same seed as ``learnedopt-train --seed``), and prints the mean final loss with the
 LSTM's head as trained, without its learned schedule (if it has one), with the head at zero
-(the Nesterov step alone at the learned step size and schedule), and, with ``--step-sizes``, the
-Nesterov step alone at other ``torch.optim.SGD`` learning rates.
+(the Nesterov step alone at the learned step size and schedule), and, with ``--step-sizes``,
+plain Nesterov momentum (``torch.optim.SGD(nesterov=True)``) at those learning rates. ``--seed``
+and ``--tasks`` pick other draws (e.g. a selection set that no run validated on).
 
 Usage::
 
     python benchmarks/ablate_correction.py --networks runs/l2l-mlp-scale/checkpoint.pt:best_networks \\
         --family mlp --data-dir ../shared/data --step-sizes 0.3
+    python benchmarks/ablate_correction.py --networks pretrained/l2l-mlp --data-dir ../shared/data \\
+        --seed 1 --tasks 20 --steps 100,200 --step-sizes 0.316
 """
 
 from __future__ import annotations
@@ -42,9 +45,11 @@ def main() -> None:
     parser.add_argument("--family", default="mlp")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--tasks", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")], default=[100],
+                        help="report the mean loss at these steps, e.g. 100,200")
     parser.add_argument("--seed", type=int, default=0, help="the meta-training run's --seed (validation tasks)")
-    parser.add_argument("--step-sizes", type=lambda s: [float(x) for x in s.split(",")], default=[])
+    parser.add_argument("--step-sizes", type=lambda s: [float(x) for x in s.split(",")], default=[],
+                        help="also plain Nesterov (torch SGD, momentum as trained) at these learning rates")
     args = parser.parse_args()
     torch.set_num_threads(1)
     networks = load(args.networks)
@@ -58,22 +63,25 @@ def main() -> None:
     def sgd_lr(nets: UpdateNetworks) -> float:
         return (1 - mu) * math.exp(float(nets.network(nets.roles[0]).nominal_log_lr.detach()))
 
-    print(f"{args.tasks} validation tasks of {args.family!r}, mean loss at step {args.steps}")
-    print(f"as trained (SGD-equivalent step size {sgd_lr(networks):.4g}): "
-          f"{_final_score(learned_curves(networks, tasks, args.steps)):.4f}")
+    def report(label: str, nets: UpdateNetworks) -> None:
+        curves = learned_curves(nets, tasks, max(args.steps))
+        print(f"{label}: " + ", ".join(f"{_final_score([c[: t + 1] for c in curves]):.4f}" for t in args.steps))
+
+    print(f"{args.tasks} validation tasks (seed {args.seed}) of {args.family!r}, mean loss at steps {args.steps}")
+    report(f"as trained (SGD-equivalent step size {sgd_lr(networks):.4g})", networks)
     if config.schedule != "constant":
         rate = math.exp(float(networks.network(networks.roles[0]).schedule_log_rate.detach()))
-        print(f"schedule off (every step at the initial step size; learned decay 1/(1 + {rate:.4g} t)): "
-              f"{_final_score(learned_curves(without_schedule(networks), tasks, args.steps)):.4f}")
-    networks = without_correction(networks)
-    print(f"head at zero, Nesterov alone at the learned step size {sgd_lr(networks):.4g}: "
-          f"{_final_score(learned_curves(networks, tasks, args.steps)):.4f}")
+        report(f"schedule off (every step at the initial step size; learned decay 1/(1 + {rate:.4g} t))",
+               without_schedule(networks))
+    bare = without_correction(networks)
+    report(f"head at zero: Nesterov alone at the learned step size {sgd_lr(bare):.4g}"
+           + (" and schedule" if config.schedule != "constant" else ""), bare)
+    plain = without_schedule(bare) if config.schedule != "constant" else bare
     for lr in args.step_sizes:
         with torch.no_grad():
-            for role in networks.roles:
-                networks.network(role).nominal_log_lr.fill_(math.log(lr / (1 - mu)))
-        print(f"head at zero, Nesterov alone at step size {lr:.4g}: "
-              f"{_final_score(learned_curves(networks, tasks, args.steps)):.4f}")
+            for role in plain.roles:
+                plain.network(role).nominal_log_lr.fill_(math.log(lr / (1 - mu)))
+        report(f"Nesterov at constant step size {lr:.4g} (torch SGD, momentum {mu})", plain)
 
 
 if __name__ == "__main__":
