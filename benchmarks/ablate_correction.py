@@ -26,6 +26,8 @@ import torch
 from learnedopt import UpdateNetworkConfig, UpdateNetworks
 from learnedopt.training import resolve_family
 from learnedopt.training.trainer import _final_score, learned_curves, validation_tasks
+
+from common import add_threads_argument
 from reproduce_l2l import without_correction, without_schedule
 
 
@@ -50,8 +52,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the meta-training run's --seed (validation tasks)")
     parser.add_argument("--step-sizes", type=lambda s: [float(x) for x in s.split(",")], default=[],
                         help="also plain Nesterov (torch SGD, momentum as trained) at these learning rates")
+    add_threads_argument(parser)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     networks = load(args.networks)
     config = networks.config
     if config.nominal_momentum is None:
@@ -76,7 +79,9 @@ def main() -> None:
     bare = without_correction(networks)
     report(f"head at zero: Nesterov alone at the learned step size {sgd_lr(bare):.4g}"
            + (" and schedule" if config.schedule != "constant" else ""), bare)
-    plain = without_schedule(bare) if config.schedule != "constant" else bare
+    # no schedule, no update clip: exactly torch.optim.SGD(nesterov=True) (tested equal)
+    plain = UpdateNetworks(UpdateNetworkConfig.from_dict({**config.to_dict(), "schedule": "constant", "update_clip": None}))
+    plain.load_state_dict(without_schedule(bare).state_dict())
     for lr in args.step_sizes:
         with torch.no_grad():
             for role in plain.roles:

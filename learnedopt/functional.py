@@ -246,6 +246,9 @@ def lstm_update(
                 "pass step= (the number of updates each tensor has had, e.g. LSTMOptimizer's state['step'])"
             )
         steps = _as_list(step, n, "step")
+        for t in steps:
+            if (isinstance(t, Tensor) and t.numel() != 1) or not float(t) >= 0:
+                raise ValueError(f"step must be a non-negative number (updates each tensor has had), got {t!r}")
         lrs = [lr_i * networks.network(role).schedule_factor(t) for lr_i, role, t in zip(lrs, roles, steps)]
     flat_grads = [(-g if maximize else g).reshape(-1).to(state_dtype(p.dtype)) for g, p in zip(grads, params)]
 

@@ -71,7 +71,9 @@ class UpdateNetwork(nn.Module):
         Differentiable in ``schedule_log_rate``."""
         if self.schedule_log_rate is None:
             return 1.0
-        return 1.0 / (1.0 + step * self.schedule_log_rate.exp())
+        rate = self.schedule_log_rate
+        # 1 / (1 + t e^r) = sigmoid(-(log t + r)): exactly 1 at t = 0 and no overflow for any r
+        return torch.sigmoid(-(torch.as_tensor(step, dtype=rate.dtype).log() + rate))
 
     def layer_parameters(self) -> Iterator[tuple[Tensor, Tensor]]:
         for layer in range(self.num_layers):

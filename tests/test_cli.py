@@ -33,7 +33,7 @@ def test_shipped_optimizer_loads_and_records_how_it_was_made(name: str) -> None:
     training = config["training"]
     assert training["command"].startswith("learnedopt-train ")
     assert f"--out pretrained/{name}" in training["command"]
-    settings = training["settings"]  # a real run: at least 20,000 meta-trained inner steps
+    settings = training["settings"]  # a real run: its configured length is >= 20,000 inner steps
     assert settings["outer_steps"] * settings["unroll"] * settings["meta_batch"] >= 20_000
     # every recorded comparison is a real measurement that beats Adam(lr=1e-3) on average
     for family, result in training["results_vs_adam"].items():

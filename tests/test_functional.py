@@ -523,6 +523,18 @@ def test_schedule_needs_the_step_count(make_networks):
     p, g = torch.randn(5), torch.randn(5)
     with pytest.raises(ValueError, match=r"learned step-size schedule .*pass step="):
         lstm_update([p], [g], [init_state(g, networks.config)], networks, ["dense"])
+    for bad in (-1, float("nan"), torch.tensor([1.0, 2.0])):
+        with pytest.raises(ValueError, match=r"step must be a non-negative number"):
+            lstm_update([p], [g], [init_state(g, networks.config)], networks, ["dense"], step=bad)
+
+
+def test_schedule_factor_is_exactly_one_at_step_zero_and_never_nan(make_networks):
+    net = make_networks(schedule="inverse_time").dense
+    with torch.no_grad():
+        for rate in (-5.0, 0.0, 100.0):  # exp(100) overflows float32
+            net.schedule_log_rate.fill_(rate)
+            assert float(net.schedule_factor(0)) == 1.0
+            assert 0.0 <= float(net.schedule_factor(torch.tensor(3.0))) < 1.0
 
 
 def test_schedule_decays_the_whole_update_like_lr(make_networks):

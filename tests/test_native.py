@@ -142,14 +142,20 @@ def _model() -> torch.nn.Module:
 
 
 @needs_compiler
+@pytest.mark.parametrize("name", ["paper-features", "nominal-scale-schedule"])
 @pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
-def test_optimizer_native_matches_reference(make_networks, state_dtype, monkeypatch):
-    """LSTMOptimizer(impl="native") updates in place exactly what impl="reference" computes; a
-    float64 tensor in the same optimizer falls back to the PyTorch path."""
+def test_optimizer_native_matches_reference(make_networks, state_dtype, name, monkeypatch):
+    """LSTMOptimizer(impl="native") updates in place exactly what impl="reference" computes (with
+    weight decay, and with a learned schedule); a float64 tensor in the same optimizer falls back
+    to the PyTorch path."""
     calls = []
     real_step = native.step_
     monkeypatch.setattr(native, "step_", lambda *a, **k: calls.append(len(a[1])) or real_step(*a, **k))
-    networks = make_networks(("conv", "dense", "bias"))
+    networks = make_networks(("conv", "dense", "bias"), **CONFIGS[name])
+    if name != "paper-features":
+        with torch.no_grad():
+            for role in networks.roles:
+                networks.network(role).schedule_log_rate.fill_(-1.0)  # a strong decay over the 5 steps
     models = {impl: _model() for impl in ("native", "reference")}
     start = torch.randn(7, dtype=torch.float64)
     extra = {impl: torch.nn.Parameter(start.clone()) for impl in models}
