@@ -238,20 +238,36 @@ def lstm_update(
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     lrs = _as_list(lr, n, "lr")
     wds = _as_list(weight_decay, n, "weight_decay")
-    config = networks.config
-    if config.schedule != "constant":
-        if step is None:
-            raise ValueError(
-                f"these networks have a learned step-size schedule (config schedule {config.schedule!r}); "
-                "pass step= (the number of updates each tensor has had, e.g. LSTMOptimizer's state['step'])"
-            )
-        steps = _as_list(step, n, "step")
-        for t in steps:
-            if (isinstance(t, Tensor) and t.numel() != 1) or not float(t) >= 0:
-                raise ValueError(f"step must be a non-negative number (updates each tensor has had), got {t!r}")
-        lrs = [lr_i * networks.network(role).schedule_factor(t) for lr_i, role, t in zip(lrs, roles, steps)]
+    lrs = scheduled_lrs(networks, roles, lrs, step)
     flat_grads = [(-g if maximize else g).reshape(-1).to(state_dtype(p.dtype)) for g, p in zip(grads, params)]
+    return _update(params, flat_grads, states, networks, roles, lrs, wds, impl)
 
+
+def scheduled_lrs(
+    networks: UpdateNetworks, roles: Sequence[str], lrs: list, step: int | Tensor | Sequence[int | Tensor] | None
+) -> list:
+    """``lrs`` times each tensor's learned schedule factor at its ``step`` (see
+    :meth:`UpdateNetwork.schedule_factor`); ``lrs`` itself when the networks have no schedule."""
+    config = networks.config
+    if config.schedule == "constant":
+        return lrs
+    if step is None:
+        raise ValueError(
+            f"these networks have a learned step-size schedule (config schedule {config.schedule!r}); "
+            "pass step= (the number of updates each tensor has had, e.g. LSTMOptimizer's state['step'])"
+        )
+    steps = _as_list(step, len(lrs), "step")
+    for t in steps:
+        if (isinstance(t, Tensor) and t.numel() != 1) or not float(t) >= 0:
+            raise ValueError(f"step must be a non-negative number (updates each tensor has had), got {t!r}")
+    return [lr * networks.network(role).schedule_factor(t) for lr, role, t in zip(lrs, roles, steps)]
+
+
+def _update(params, flat_grads, states, networks, roles, lrs, wds, impl) -> tuple[list[Tensor], list[State]]:
+    """:func:`lstm_update` on flat gradients (sign and dtype already set) and per-tensor ``lrs``
+    (schedule already applied) and ``wds``."""
+    n = len(params)
+    config = networks.config
     pointwise = "torch"
     if impl in ("native", "auto"):
         from . import native
@@ -328,9 +344,7 @@ def _native_update(params, flat_grads, states, networks, roles, lrs, wds) -> tup
             buf = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
             todo.append((i, buf, {k: v.clone() for k, v in st.items() if k in ("lstm", "moments")}))
         else:
-            # lrs[i] already holds the schedule's factor; at step 0 the factor is 1
-            d, s = lstm_update([p], [g.reshape(p.shape)], [st], networks, [roles[i]], lr=lrs[i],
-                               weight_decay=wds[i], impl="batched", step=0)
+            d, s = _update([p], [g], [st], networks, [roles[i]], [lrs[i]], [wds[i]], "batched")
             deltas[i], new_states[i] = d[0], s[0]
     if todo:
         native.step_([packed[roles[i]] for i, _, _ in todo], [b for _, b, _ in todo],

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import native
-from .functional import IMPLEMENTATIONS, init_state, lstm_update, state_dtype
+from .functional import IMPLEMENTATIONS, init_state, lstm_update, scheduled_lrs, state_dtype
 from .network import UpdateNetworks
 
 __all__ = ["LSTMOptimizer", "DEFAULT_PRETRAINED"]
@@ -215,7 +215,8 @@ class LSTMOptimizer(Optimizer):
             nonfinite = native.step_(
                 [self._packed(roles[i]) for i in fast], [params[i] for i in fast],
                 [grads[i].reshape(-1) for i in fast], [states[i] for i in fast],
-                [lrs[i] * float(self.networks.network(roles[i]).schedule_factor(states[i]["step"])) for i in fast],
+                scheduled_lrs(self.networks, [roles[i] for i in fast], [lrs[i] for i in fast],
+                              [states[i]["step"] for i in fast]),
                 [wds[i] for i in fast],
             )
             for i in fast:

@@ -317,3 +317,21 @@ def test_portable_build_without_avx512_matches_reference(make_networks, fresh_na
     i_, f_, g_, o_ = gates.chunk(4, dim=1)
     c_ref = torch.sigmoid(f_) * c_prev + torch.sigmoid(i_) * torch.tanh(g_)
     torch.testing.assert_close(c, c_ref, rtol=1e-5, atol=1e-6)
+
+
+@needs_compiler
+def test_functional_native_falls_back_per_tensor_with_the_same_update(make_networks):
+    """impl="native" on a float32 and a float64 tensor together: the float64 one takes the PyTorch
+    path inside the same call, with the same schedule, weight decay and maximize as the kernel."""
+    networks = make_networks(("dense",), **CONFIGS["nominal-scale-schedule"])
+    params = [torch.randn(40), torch.randn(9, dtype=torch.float64)]
+    grads = [torch.randn(40), torch.randn(9, dtype=torch.float64)]
+    states = [init_state(g, networks.config) for g in grads]
+    kw = dict(lr=[0.5, 0.7], weight_decay=0.1, maximize=True, step=[3, 5])
+    with torch.no_grad():
+        nat_d, nat_s = lstm_update(params, grads, states, networks, ["dense"] * 2, impl="native", **kw)
+        ref_d, ref_s = lstm_update(params, grads, states, networks, ["dense"] * 2, impl="reference", **kw)
+    assert nat_d[1].dtype == torch.float64
+    for nd, rd, ns, rs in zip(nat_d, ref_d, nat_s, ref_s):
+        torch.testing.assert_close(nd, rd, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ns["lstm"], rs["lstm"], rtol=1e-5, atol=1e-6)
