@@ -28,7 +28,7 @@ from learnedopt.training import resolve_family
 from learnedopt.training.trainer import _final_score, learned_curves, validation_tasks
 
 from common import add_threads_argument
-from reproduce_l2l import without_correction, without_schedule
+from reproduce_l2l import with_config, without_correction, without_schedule
 
 
 def load(spec: str) -> UpdateNetworks:
@@ -80,8 +80,7 @@ def main() -> None:
     report(f"head at zero: Nesterov alone at the learned step size {sgd_lr(bare):.4g}"
            + (" and schedule" if config.schedule != "constant" else ""), bare)
     # no schedule, no update clip: exactly torch.optim.SGD(nesterov=True) (tested equal)
-    plain = UpdateNetworks(UpdateNetworkConfig.from_dict({**config.to_dict(), "schedule": "constant", "update_clip": None}))
-    plain.load_state_dict(without_schedule(bare).state_dict())
+    plain = with_config(bare, schedule="constant", update_clip=None)
     for lr in args.step_sizes:
         with torch.no_grad():
             for role in plain.roles:

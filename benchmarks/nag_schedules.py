@@ -18,27 +18,23 @@ import statistics
 import torch
 
 from learnedopt.training import resolve_family
+from learnedopt.training.trainer import evaluate
 
 from common import add_threads_argument, machine_line
 
 
 def mean_losses(tasks, schedule, at: list[int]) -> list[float]:
-    """Mean full-data loss at the steps ``at`` of ``torch.optim.SGD(nesterov=True)`` whose
-    learning rate at step ``t`` is ``schedule(t)``."""
-    out: dict[int, list[float]] = {t: [] for t in at}
-    for task in tasks:
-        params = [p.clone().requires_grad_() for p in task.init_params()]
-        opt = torch.optim.SGD(params, lr=schedule(0), momentum=0.9, nesterov=True)
-        for t in range(max(at)):
-            for group in opt.param_groups:
-                group["lr"] = schedule(t)
-            opt.zero_grad()
-            task.loss(params, t).backward()
-            opt.step()
-            if t + 1 in out:
-                with torch.no_grad():
-                    out[t + 1].append(float(task.eval_loss(params)))
-    return [statistics.fmean(out[t]) for t in at]
+    """Mean full-data loss at the steps ``at`` (multiples of ``at[0]``) of
+    ``torch.optim.SGD(nesterov=True)`` whose learning rate at step ``t`` is ``schedule(t)``."""
+
+    def make(params):
+        opt = torch.optim.SGD(params, lr=1.0, momentum=0.9, nesterov=True)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        opt.register_step_post_hook(lambda *_: scheduler.step())
+        return opt
+
+    curves = [evaluate(task, make, max(at), every=at[0]) for task in tasks]
+    return [statistics.fmean(c[t // at[0]] for c in curves) for t in at]
 
 
 def main() -> None:

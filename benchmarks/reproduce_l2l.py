@@ -67,14 +67,18 @@ def without_correction(networks: UpdateNetworks) -> UpdateNetworks:
     return bare
 
 
+def with_config(networks: UpdateNetworks, **fields) -> UpdateNetworks:
+    """A copy under a config with ``fields`` changed, keeping the weights the new config has."""
+    changed = UpdateNetworks(UpdateNetworkConfig.from_dict({**networks.config.to_dict(), **fields}))
+    wanted = changed.state_dict().keys()
+    changed.load_state_dict({k: v for k, v in networks.state_dict().items() if k in wanted})
+    return changed
+
+
 def without_schedule(networks: UpdateNetworks) -> UpdateNetworks:
     """A copy with the learned schedule removed (``schedule="constant"``): every step at the
     initial step size (the ablation that shows what the schedule adds)."""
-    config = UpdateNetworkConfig.from_dict({**networks.config.to_dict(), "schedule": "constant"})
-    bare = UpdateNetworks(config)
-    weights = {k: v for k, v in networks.state_dict().items() if not k.endswith("schedule_log_rate")}
-    bare.load_state_dict(weights)
-    return bare
+    return with_config(networks, schedule="constant")
 
 
 def run_setting(name: str, family: TaskFamily, networks: UpdateNetworks, problems: int, steps: int,
